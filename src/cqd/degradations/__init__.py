@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 
 from cqd.degradations.base import Compose, Degradation, Draws, Identity
@@ -26,7 +27,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def _coerce(deg: str, key: str, raw: str, typ) -> object:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw.lower() in ("none", "null", ""):
             return None
@@ -46,7 +47,7 @@ def _coerce(deg: str, key: str, raw: str, typ) -> object:
 
 
 def _parse_one(part: str) -> Degradation:
-    name, _, params = part.strip().partition(":")
+    name, colon, params = part.partition(":")
     name = name.strip()
     if not _NAME.match(name):
         raise CQDError(f"malformed degradation spec {part!r}: expected name[:key=value,...], e.g. 'lowres:size=7'")
@@ -54,7 +55,9 @@ def _parse_one(part: str) -> Degradation:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, object] = {}
-    for item in filter(None, (p.strip() for p in params.split(","))) if params.strip() else []:
+    if colon and not params.strip():
+        raise CQDError(f"malformed degradation spec {part!r}: nothing after ':' (e.g. 'lowres:size=7', or just 'lowres')")
+    for item in (p.strip() for p in params.split(",")) if colon else []:
         key, eq, raw = item.partition("=")
         key = key.strip()
         if not eq or not key:
@@ -65,8 +68,6 @@ def _parse_one(part: str) -> Degradation:
         if key in kwargs:
             raise CQDError(f"degradation {name!r}: parameter {key!r} given twice")
         kwargs[key] = _coerce(name, key, raw.strip(), hints[key])
-    if params and not params.strip():
-        raise CQDError(f"malformed degradation spec {part!r}: nothing after ':'")
     return cls(**kwargs)
 
 

@@ -1,7 +1,6 @@
 import dataclasses
 import math
 import os
-from typing import Optional
 
 import kornia
 import numpy as np
@@ -26,7 +25,7 @@ class Edges(Degradation):
     low: float = 0.1
     high: float = 0.2
     sigma: float = 1.0
-    model: Optional[str] = None  # Optional, not `str | None`: the spec parser only unwraps typing.Union
+    model: str | None = None
 
     def __post_init__(self):
         if not 0 < self.low <= self.high <= 1:

@@ -1,0 +1,5 @@
+import sys
+
+from cqd.cli import main
+
+sys.exit(main())

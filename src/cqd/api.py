@@ -1,0 +1,33 @@
+"""The Python API: what a notebook user calls. Each function takes a config path or dict plus overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cqd.config import RunConfig, apply_overrides, load_run_config, run_config
+
+
+def load_config(path: str | Path | None = None, *overrides: str) -> RunConfig:
+    """A validated RunConfig from a YAML file (or the defaults) and `key=value` overrides."""
+    return load_run_config(path, list(overrides))
+
+
+def _cfg(config, overrides) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return run_config(apply_overrides(config.model_dump(), list(overrides))) if overrides else config
+    if isinstance(config, dict):
+        return run_config(apply_overrides(config, list(overrides)))
+    return load_run_config(config, list(overrides))
+
+
+def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, resume: bool = False) -> dict:
+    """Train one method; returns the result (accuracies on high/low quality test views, history)."""
+    from cqd.engine.trainer import train as _train
+
+    return _train(_cfg(config, overrides), resume=resume)
+
+
+def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str) -> dict:
+    """Top-1 of a saved model (`model.pt`) on the configured test set's high- and low-quality views."""
+    from cqd.engine.evaluate import evaluate_saved
+
+    return evaluate_saved(model_path, _cfg(config, overrides))

@@ -1,0 +1,128 @@
+"""Fashion-MNIST, the embedded default: 60k/10k 28x28 grey items, 10 classes, held in memory.
+
+Looked for in this order: `root` (the CLI's --data-dir), the Debian package `dataset-fashion-mnist`
+(/usr/share/datasets/fashion-mnist), torchvision's download into ~/.cache/cqd. The items are
+centred, so `crop == full` and the box is the whole image; the `clutter` degradation makes the
+non-localized view.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cqd.data import DATASETS
+from cqd.data.base import ImageDataset
+from cqd.errors import DataError
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_DIR = Path(os.environ.get("CQD_CACHE", Path.home() / ".cache" / "cqd"))
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+HOW_TO_GET = (
+    "Fashion-MNIST was not found. cqd looks in --data-dir (or data.root), then in "
+    f"{DEBIAN_DIR} (Debian/Ubuntu: `apt-get install dataset-fashion-mnist`), then downloads it with "
+    f"torchvision into {DOWNLOAD_DIR}. To fix: install the Debian package, or put the four files "
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+    "t10k-labels-idx1-ubyte.gz (from the Fashion-MNIST project) in a folder and pass --data-dir FOLDER."
+)
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX (MNIST-format) uint8 file, gzipped or not, with clear errors for bad files."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(data) < 8 or data[0:2] != b"\0\0" or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX uint8 file (bad header); re-download it")
+    nd = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
+    n = 1
+    for d in dims:
+        n *= d
+    if len(data) - 4 - 4 * nd != n:
+        raise DataError(f"{path} is truncated or corrupt: header says {dims}, found {len(data) - 4 - 4 * nd} bytes of data")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * nd).view(*dims)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for sub in (folder, folder / "FashionMNIST" / "raw"):
+        for name in (stem + ".gz", stem):
+            if (sub / name).is_file():
+                return sub / name
+    return None
+
+
+def _locate(root: str | None, split: str) -> tuple[Path, Path]:
+    stems = FILES[split]
+    if root is not None:
+        found = [_find(Path(root), s) for s in stems]
+        if None in found:
+            raise DataError(f"--data-dir {root} has no {stems[found.index(None)]}[.gz]. " + HOW_TO_GET)
+        return found[0], found[1]
+    for folder in (DEBIAN_DIR, DOWNLOAD_DIR):
+        found = [_find(folder, s) for s in stems]
+        if None not in found:
+            return found[0], found[1]
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(DOWNLOAD_DIR), train=split == "train", download=True)
+    except Exception as e:  # any network failure means: tell the user how to get the files
+        raise DataError(f"{HOW_TO_GET} (download failed: {type(e).__name__}: {e})") from None
+    found = [_find(DOWNLOAD_DIR, s) for s in stems]
+    if None in found:
+        raise DataError(HOW_TO_GET)
+    return found[0], found[1]
+
+
+class FashionMNIST(ImageDataset):
+    """The whole split as one uint8 tensor (N, 1, S, S); `__getitems__` serves a batch with one slice."""
+
+    classes = CLASSES
+    num_classes = 10
+    in_chans = 1
+    mean, std = (0.286,), (0.353,)
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int):
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"Fashion-MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count")
+        x = images[:, None]
+        if image_size != x.shape[-1]:
+            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        self.images, self.labels, self.image_size = x.contiguous(), labels.long(), image_size
+        self.box = torch.tensor([0.0, 0.0, image_size, image_size])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"full": self.images[i], "crop": self.images[i], "box": self.box.clone(),
+                "label": self.labels[i], "index": torch.tensor(i)}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[idx]
+        return {"full": x, "crop": x, "box": self.box.expand(len(idx), 4), "label": self.labels[idx], "index": idx}
+
+    @staticmethod
+    def collate(batch: dict) -> dict:
+        return batch
+
+    def clutter_bank(self, n: int, seed: int = 0) -> torch.Tensor:
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.images[idx]
+
+
+@DATASETS.register("fashion_mnist")
+def build(root: str | None, split: str, image_size: int = 32, on_corrupt: str = "error") -> FashionMNIST:
+    if split not in FILES:
+        raise DataError(f"unknown split {split!r} for fashion_mnist; use 'train' or 'test'")
+    img_path, lbl_path = _locate(root, split)
+    return FashionMNIST(read_idx(img_path), read_idx(lbl_path), image_size)

@@ -1,0 +1,57 @@
+"""Teacher soft targets f(x), computed once per (teacher weights, data, view) and reused.
+
+The original code precomputed the teacher's outputs; this does the same whenever x is fixed
+(no fresh per-epoch draws on the teacher's view). The key hashes the teacher's weights, the
+dataset identity and the view, so a changed teacher, dataset or teacher-view degradation misses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cqd.engine.checkpoint import load_checkpoint, save_checkpoint
+from cqd.errors import CheckpointError
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(teacher: nn.Module, data_identity: dict, view_key: str) -> str:
+    blob = json.dumps({"w": weights_digest(teacher), "data": data_identity, "view": view_key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_logits(teacher: nn.Module, loader, maker, device, size: int) -> Tensor:
+    """f(x) for every item the loader yields, as a (size, K) float32 table indexed by dataset index."""
+    teacher.eval()
+    table = None
+    for batch in loader:
+        x, _, _ = maker.views(batch, device)
+        logits = teacher(maker.normalize(x)).float()
+        if table is None:
+            table = torch.full((size, logits.shape[1]), float("nan"), device=device)
+        table[batch["index"].to(device)] = logits
+    return table
+
+
+def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Tensor, bool]:
+    """(table, hit). Loads `cache_dir/teacher-<key>.pt` or computes and writes it atomically."""
+    path = Path(cache_dir) / f"teacher-{key}.pt"
+    if path.is_file():
+        try:
+            return load_checkpoint(path)["logits"], True
+        except (CheckpointError, KeyError):
+            path.unlink(missing_ok=True)
+    table = compute()
+    save_checkpoint({"logits": table.cpu()}, path)
+    return table, False
