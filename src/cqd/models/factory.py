@@ -122,8 +122,8 @@ def _timm(arch: str, num_classes: int, in_chans: int, download: bool) -> nn.Modu
         )
     except Exception as exc:
         where = (
-            "place them in the Hugging Face cache ($HF_HOME/hub) or the torch hub cache "
-            f"{_hub_cache()} ($TORCH_HOME/hub/checkpoints)"
+            "place them in the Hugging Face cache ($HF_HOME/hub; HF_HUB_OFFLINE=1 skips the "
+            f"retries) or the torch hub cache {_hub_cache()} ($TORCH_HOME/hub/checkpoints)"
         )
         raise CQDError(_no_weights(f"timm:{arch}", exc, where)) from exc
 
