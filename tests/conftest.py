@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests run single-threaded torch so parallel workers don't oversubscribe 2 cores."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A RunConfig dict for a few-step run on a small slice of the embedded Fashion-MNIST."""
+
+    def make(**over) -> dict:
+        cfg = {
+            "name": "tiny",
+            "seed": 0,
+            "out_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "model": "resnet8",
+            "data": {"train_subset": 256, "test_subset": 128, "image_size": 32, "degradation": "lowres:size=8"},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4},
+            "method": {"name": "lq"},
+        }
+        for key, value in over.items():
+            node = cfg
+            *parents, last = key.split("__")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = value
+        return cfg
+
+    return make
