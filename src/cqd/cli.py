@@ -50,8 +50,70 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _run_table(config: str, overrides: list[str], force: bool) -> int:
+    import time
+
+    from cqd.config import load_grid_config
+    from cqd.engine.grid import collect, plan, run_grid
+    from cqd.reports.table import write_report
+
+    grid = load_grid_config(config, overrides)
+    total, t0 = len(plan(grid, Path(grid.out_dir))), time.perf_counter()
+    done = [0]
+
+    def on_cell(name: str, res: dict | None) -> None:
+        done[0] += 1
+        what = "held by another process, skipped" if res is None else (
+            f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%")
+        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {what}", flush=True)
+
+    run_grid(grid, force=force, on_cell=on_cell)
+    report_dir = Path(grid.out_dir) / "report"
+    md, _ = write_report(collect(grid), list(grid.columns), grid.seeds, report_dir, grid.name)
+    print("\n" + md)
+    print(f"report: {report_dir}/table.md, table.png, table.json, runs.csv, runs.json ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_table(args) -> int:
+    return _run_table(args.config, _overrides(args), args.force)
+
+
+def cmd_demo(args) -> int:
+    cfg = Path(args.config)
+    if not cfg.is_file():
+        raise CQDError(f"demo config {cfg} not found; run `cqd demo` from the repository root or pass --config configs/quick.yaml")
+    return _run_table(str(cfg), _overrides(args), args.force)
+
+
+def cmd_multires(args) -> int:
+    from cqd.analysis.multires import multires
+    from cqd.config import load_run_config
+
+    cfg = load_run_config(args.config, _overrides(args))
+    res = multires(cfg)
+    q = res["router_accuracy"]
+    print(f"\n{cfg.data.degradation}, {res['n_test']} test images per view (accuracy %):\n{res['table']}"
+          f"quality predictor accuracy: {100 * q['hi']:.1f}% on x, {100 * q['lo']:.1f}% on z")
+    print(f"wrote {Path(cfg.out_dir) / 'multires.md'} and {Path(cfg.out_dir) / 'multires.json'}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from cqd.analysis.saliency import explain
+    from cqd.config import load_run_config
+
+    cfg = load_run_config(args.config, _overrides(args))
+    res = explain(cfg, n=args.n)
+    print(f"\n{res['n']} test images: mean tau_B={res['mean_tau_B']:.3f}, mean tau_CQD={res['mean_tau_CQD']:.3f}, "
+          f"tau_CQD > tau_B on {100 * res['share_tau_CQD_above_B']:.1f}% of them")
+    out = Path(cfg.out_dir)
+    print(f"wrote {out / 'saliency.png'}, {out / 'tau_scatter.png'} and {out / 'tau.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cqd", description="Cross Quality Distillation: classifiers for degraded images.")
+    ap = _Parser(prog="cqd", description="Cross Quality Distillation: classifiers for degraded images.")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -65,27 +127,73 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("table", help="the paper's Table 1: methods x degradations x seeds, resumable")
+    _common(p, config_required=True)
+    p.add_argument("--force", action="store_true", help="redo cells that already have a result")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("demo", help="the quick Table 1 on the embedded Fashion-MNIST (about 10 minutes on 2 CPU cores)")
+    _common(p)
+    p.set_defaults(config="configs/quick.yaml")
+    p.add_argument("--force", action="store_true", help="redo cells that already have a result")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("show-degradations", help="PNG grid: high-quality images, then one row per degradation")
     _common(p)
     p.add_argument("--specs", nargs="+", help=f"degradation specs (default: {' '.join(DEMO_SPECS)})")
     p.add_argument("--out", default="runs/degradations.png")
     p.add_argument("-n", type=int, default=8, help="images per row")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("multires", help="multi-quality model (poster): route each test image to f or CQD by predicted quality")
+    _common(p)
+    p.set_defaults(func=cmd_multires)
+
+    p = sub.add_parser("explain", help="input-gradient saliency of B and CQD, and tau, the share inside the box (Figure 4)")
+    _common(p)
+    p.add_argument("--n", type=int, default=1000, help="test images to compute tau on (default 1000)")
+    p.set_defaults(func=cmd_explain)
     return ap
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in cqd's one-paragraph form."""
+
+    def error(self, message: str):
+        self.exit(2, f"cqd: error: {message}\n(usage: {self.format_usage().strip().removeprefix('usage: ')}; "
+                     f"`{self.prog} --help` explains the options)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `cqd ...`; returns the exit code: 0 done, 2 bad input (one `cqd: error:` paragraph on
+    stderr), 130 interrupted (the run saved last.ckpt), 1 a bug. `--debug` anywhere: tracebacks."""
+    import warnings
+
+    from cqd.errors import describe
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if i >= end or a != "--debug"]
     try:
-        return args.func(args)
-    except CQDError as e:
-        if args.debug:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"cqd: warning: {message}", file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = show
+            return args.func(args)
+    except (Exception, KeyboardInterrupt) as e:
+        if debug and not isinstance(e, KeyboardInterrupt):
             raise
-        print(f"cqd: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cqd: interrupted", file=sys.stderr)
-        return 130
+        text, code = describe(e)
+        print(text, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ non-localized view.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -120,9 +121,15 @@ class FashionMNIST(ImageDataset):
         return self.images[idx]
 
 
+@functools.lru_cache(maxsize=4)
+def _load(img_path: Path, lbl_path: Path, image_size: int) -> FashionMNIST:
+    """Decoded and resized once per process: a grid of runs reuses it (the tensors are never written to)."""
+    return FashionMNIST(read_idx(img_path), read_idx(lbl_path), image_size)
+
+
 @DATASETS.register("fashion_mnist")
 def build(root: str | None, split: str, image_size: int = 32, on_corrupt: str = "error") -> FashionMNIST:
     if split not in FILES:
         raise DataError(f"unknown split {split!r} for fashion_mnist; use 'train' or 'test'")
     img_path, lbl_path = _locate(root, split)
-    return FashionMNIST(read_idx(img_path), read_idx(lbl_path), image_size)
+    return _load(img_path, lbl_path, image_size)

@@ -6,10 +6,12 @@ The loop only sums the method's losses; it never asks which method it is running
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
 import io
 import math
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from cqd.config import RunConfig, run_config
 from cqd.data import DATASETS
 from cqd.data.paired import PairMaker
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint, save_json, save_text
+from cqd.engine.checkpoint import load_model_file, load_resume_checkpoint, load_state, save_checkpoint, save_json, save_text
 from cqd.engine.teacher_cache import cache_key, cached_teacher_logits, compute_logits
 from cqd.errors import CheckpointError, ConfigError, TrainingDiverged
 from cqd.methods import METHODS
@@ -35,12 +37,16 @@ CKPT, MODEL, RESULT, METRICS = "last.ckpt", "model.pt", "result.json", "metrics.
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffled order fixed by (seed, epoch), sharded over ranks, able to start mid-epoch (resume)."""
+    """Shuffled order fixed by (seed, epoch), sharded over ranks, able to start mid-epoch (resume).
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    `pad=True` (training) repeats the first items so every rank gets the same number of steps;
+    `pad=False` (evaluation) gives each item to exactly one rank, so none is counted twice.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, pad: bool = True):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
         self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(n / world)
+        self.per_rank = math.ceil(n / world) if pad else len(range(rank, n, world))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -50,7 +56,7 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        order = torch.cat([order, order[: self.per_rank * self.world - self.n]])
+        order = torch.cat([order, order[: max(self.per_rank * self.world - self.n, 0)]])
         return iter(order[self.rank :: self.world][self.start :].tolist())
 
     def __len__(self) -> int:
@@ -104,18 +110,13 @@ def build_model(name: str, num_classes: int, in_chans: int, pretrained, channels
 
 def load_model(path: str | Path, num_classes: int | None = None, in_chans: int | None = None):
     """A model saved by a finished run (`model.pt`): rebuilt from its own config, checked against the data."""
-    ck = load_checkpoint(path)
-    if "model" not in ck or "model_name" not in ck:
-        raise CheckpointError(f"{path} is not a cqd model file (expected the model.pt written at the end of `cqd train`)")
+    ck = load_model_file(path)
     if num_classes is not None and ck["num_classes"] != num_classes:
         raise CheckpointError(f"{path} was trained for {ck['num_classes']} classes but this dataset has {num_classes}")
     if in_chans is not None and ck["in_chans"] != in_chans:
         raise CheckpointError(f"{path} takes {ck['in_chans']}-channel images but this dataset has {in_chans} channels")
     model = create_model(ck["model_name"], num_classes=ck["num_classes"], in_chans=ck["in_chans"])
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit model {ck['model_name']!r}: {str(e).splitlines()[0]}") from None
+    load_state(model, ck["model"], path, f"weights of model {ck['model_name']!r}")
     return model, ck
 
 
@@ -134,21 +135,59 @@ def evaluate(model, loader, maker: PairMaker, fabric: Fabric, num_classes: int) 
     return {f"acc_{v}": float(m.compute()) for v, m in acc.items()}
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    """A scheduler's SIGTERM stops the run like Ctrl-C does: save, then exit."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class _StopRequest:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop at the next step boundary.
 
+    A KeyboardInterrupt raised by the default handler can land between `opt.step()` and the step
+    counter, and the checkpoint then holds weights one step ahead of its `step_in_epoch` (a resumed
+    run repeats that batch). Deferring to `check()` keeps the saved state consistent; a second
+    signal stops at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("cqd: stopping after this step (signal again to stop now)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _stop_on_signal():
+    stop = _StopRequest()
+    old = {}
     try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, stop.handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _sync_buffers(module: torch.nn.Module, fabric: Fabric) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats).
+
+    DDP broadcasts buffers at the start of each forward, so after the last step the other ranks
+    hold stats updated by their own last batch; evaluating with them disagrees with model.pt.
+    """
+    if fabric.world_size > 1:
+        for b in module.buffers():
+            torch.distributed.broadcast(b.data, src=0)
+
+
+def _same_architecture(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return type(a) is type(b) and sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
 def _write_csv(history: list[dict], path: Path) -> None:
@@ -202,8 +241,7 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.model, num_classes, in_chans, cfg.pretrained, t.channels_last)
     if teacher is not None:
-        same = type(teacher) is type(student) and all(
-            a.shape == b.shape for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+        same = _same_architecture(teacher, student)
         want = cfg.method.init == "teacher" or (cfg.method.init == "auto" and method_cls.init_from_teacher != "never")
         if want and not same:
             if method_cls.init_from_teacher == "always" or cfg.method.init == "teacher":
@@ -222,35 +260,40 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
     total = steps_per_epoch * t.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - (1 - t.lr_final_ratio) * min(s, total) / total)
     model, opt = fabric.setup(method, opt)
-    test_loader = fabric.setup_dataloaders(make_loader(test_ds, base_test, t.batch_size * 2, EpochSampler(len(test_ds), 0, fabric.global_rank, fabric.world_size, shuffle=False), cfg.data.num_workers, False), use_distributed_sampler=False)
+    test_loader = fabric.setup_dataloaders(make_loader(test_ds, base_test, t.batch_size * 2, EpochSampler(len(test_ds), 0, fabric.global_rank, fabric.world_size, shuffle=False, pad=False), cfg.data.num_workers, False), use_distributed_sampler=False)
 
     soft_table = None
     if method_cls.uses_teacher and maker.teacher_input_fixed:
         identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
                     "n": len(base_train), "data_seed": cfg.data.seed}
+        if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
+            identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
         key = cache_key(teacher, identity, maker.view_key())
-        all_loader = make_loader(base_train, base_train, t.batch_size * 2, EpochSampler(len(base_train), 0, shuffle=False), cfg.data.num_workers, False)
+        all_loader = make_loader(train_ds, base_train, t.batch_size * 2, EpochSampler(len(train_ds), 0, shuffle=False), cfg.data.num_workers, False)
         soft_table, hit = cached_teacher_logits(cfg.cache_dir, key, lambda: compute_logits(teacher, all_loader, maker, fabric.device, len(base_train)))
         soft_table = soft_table.to(fabric.device)
         log(f"teacher soft targets: {'cache hit' if hit else 'computed and cached'} ({cfg.cache_dir}/teacher-{key}.pt)")
 
     start_epoch, start_step, history = 0, 0, []
+    partial_sums, partial_n = {}, 0  # the interrupted epoch's loss sums, so its logged mean covers every step
     if resume and (out / CKPT).is_file():
-        ck = load_checkpoint(out / CKPT)
-        if ck.get("model_name") != cfg.model:
-            raise CheckpointError(f"{out / CKPT} is for model {ck.get('model_name')!r}, not {cfg.model!r}; use another out_dir or drop --resume")
-        student.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, start_step, history = ck["epoch"], ck["step_in_epoch"], ck["history"]
+        ck = load_resume_checkpoint(out / CKPT, cfg.model_dump())  # same model and settings, or a CheckpointError
+        for what, target in (("model", student), ("optimizer", opt), ("scheduler", sched)):
+            load_state(target, ck[what], out / CKPT, what)
+        start_epoch, start_step, history = ck["epoch"], ck["step_in_epoch"], ck["history"][: ck["epoch"]]
+        if start_step:
+            # only rank 0's share was saved: the other ranks start the sums at zero (same keys, for all_reduce)
+            partial_sums = {k: (v if fabric.is_global_zero else 0.0) for k, v in ck.get("epoch_sums", {}).items()}
+            partial_n = ck.get("epoch_n", 0) if fabric.is_global_zero else 0
         log(f"resuming {out} at epoch {start_epoch} step {start_step}")
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def checkpoint(epoch: int, step: int, sums: dict | None = None, n: int = 0) -> None:
         if fabric.is_global_zero:
             save_checkpoint({"format": "cqd-checkpoint-v1", "model_name": cfg.model, "num_classes": num_classes,
                              "in_chans": in_chans, "model": student.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "epoch": epoch, "step_in_epoch": step,
-                             "history": history, "config": cfg.model_dump()}, out / CKPT)
+                             "epoch_sums": {k: float(v) for k, v in (sums or {}).items()}, "epoch_n": n,
+                             "history": history[:epoch], "config": cfg.model_dump()}, out / CKPT)
         fabric.barrier()
 
     writer = None
@@ -260,19 +303,25 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
         writer = SummaryWriter(str(out / "tb"))
         save_json(cfg.model_dump(), out / "config.json")
     t0, seen, step_time = time.perf_counter(), 0, 0.0
-    epoch, step = start_epoch, start_step
+    # `at` is where a resumed run would continue; it is only advanced once a step's update, its loss
+    # sums and its counter are all done, so an interrupt at any point saves a consistent checkpoint.
+    at = {"epoch": start_epoch, "step": start_step, "sums": {}, "n": 0}
+    consistent = True
     try:
-        with _sigterm_as_interrupt():
+        with _stop_on_signal() as stop:
             for epoch in range(start_epoch, t.epochs):
-                sampler.set_epoch(epoch, (start_step if epoch == start_epoch else 0) * t.batch_size)
+                resumed = epoch == start_epoch
+                sampler.set_epoch(epoch, (start_step if resumed else 0) * t.batch_size)
                 model.train()
-                sums: dict[str, torch.Tensor] = {}
-                n_epoch, t_epoch = 0, time.perf_counter()
-                bar = tqdm(total=steps_per_epoch, initial=start_step if epoch == start_epoch else 0,
+                sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=fabric.device) for k, v in partial_sums.items()} if resumed else {}
+                n_epoch, n_new, t_epoch = (partial_n if resumed else 0), 0, time.perf_counter()
+                bar = tqdm(total=steps_per_epoch, initial=start_step if resumed else 0,
                            desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", disable=not (t.progress and fabric.is_global_zero),
                            leave=False, dynamic_ncols=True)
-                step = start_step if epoch == start_epoch else 0
+                step = start_step if resumed else 0
+                at.update(epoch=epoch, step=step, sums=dict(sums), n=n_epoch)
                 for batch in loader:
+                    stop.check()
                     if step >= steps_per_epoch:
                         break
                     pair = maker(batch, fabric.device, epoch)
@@ -293,36 +342,45 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
                             f"{out / CKPT} is kept; lower train.lr or method.lam and resume or restart.")
                     opt.zero_grad(set_to_none=True)
                     fabric.backward(loss)
+                    consistent = False
                     opt.step()
                     sched.step()
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0) + v.detach() * len(pair)
                     n_epoch += len(pair)
+                    n_new += len(pair)
                     step += 1
+                    at.update(step=step, sums=dict(sums), n=n_epoch)
+                    consistent = True
                     if bar.n % 10 == 0 or step == steps_per_epoch:
-                        rate = n_epoch * fabric.world_size / (time.perf_counter() - t_epoch)
+                        rate = n_new * fabric.world_size / (time.perf_counter() - t_epoch)
                         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     bar.update(1)
                 bar.close()
                 dt = time.perf_counter() - t_epoch
                 step_time += dt
-                seen += n_epoch * fabric.world_size
+                seen += n_new * fabric.world_size
                 totals = fabric.all_reduce(torch.stack([*sums.values(), torch.tensor(float(n_epoch), device=fabric.device)]).float(), reduce_op="sum")
-                row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], "images_per_s": n_epoch * fabric.world_size / max(dt, 1e-9)}
+                row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], "images_per_s": n_new * fabric.world_size / max(dt, 1e-9)}
                 row.update({k: float(v / max(float(totals[-1]), 1)) for k, v in zip(sums, totals[:-1])})
                 if (t.eval_every and (epoch + 1) % t.eval_every == 0) or epoch + 1 == t.epochs:
+                    _sync_buffers(student, fabric)
                     row.update(evaluate(student, test_loader, test_maker, fabric, num_classes))
                 history.append(row)
                 start_step = 0
                 checkpoint(epoch + 1, 0)
+                at.update(epoch=epoch + 1, step=0, sums={}, n=0)
                 if writer:
                     for k, v in row.items():
                         writer.add_scalar(k, v, epoch + 1)
                     _write_csv(history, out / METRICS)
                 log(f"{cfg.name} epoch {epoch + 1}/{t.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
     except KeyboardInterrupt:
-        checkpoint(epoch, step)
-        log(f"interrupted: saved {out / CKPT} at epoch {epoch} step {step}; continue with --resume")
+        if consistent:
+            checkpoint(at["epoch"], at["step"], at["sums"], at["n"])
+            log(f"interrupted: saved {out / CKPT} at epoch {at['epoch']} step {at['step']}; continue with --resume")
+        else:  # a second Ctrl-C inside an optimizer step: the weights in memory are half-updated
+            log(f"interrupted during an optimizer step: kept the last checkpoint {out / CKPT}; continue with --resume")
         raise
     finally:
         if writer:

@@ -1,0 +1,75 @@
+"""The Table 1 grid: every report file is written, finished cells are skipped, --force reruns them."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from cqd.cli import main
+
+
+def _grid(tmp_path, tiny_config) -> str:
+    base = tiny_config()
+    base.pop("out_dir")
+    base["train"].update(epochs=1, max_steps_per_epoch=2)
+    grid = {
+        "name": "tiny grid",
+        "out_dir": str(tmp_path / "grid"),
+        "seeds": [0],
+        "columns": {"lowres": {"degradation": "lowres:size=8"}, "clutter": {"degradation": "clutter"}},
+        "base": base,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return str(path)
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}
+
+
+def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_config, capsys):
+    cfg = _grid(tmp_path, tiny_config)
+    assert main(["table", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "grid" / "report"
+    for name in ("table.md", "table.json", "runs.csv", "runs.json", "table.png"):
+        assert (report / name).stat().st_size > 0, name
+    md = (report / "table.md").read_text()
+    for label in ("A -> A", "A -> B", "B -> B", "A+B -> B", "A,B -> B", "CQD -> B", "gap closed", "Paper's Table 1"):
+        assert label in md
+    assert "| Method | lowres | clutter |" in md
+    table = json.loads((report / "table.json").read_text())["table"]
+    assert set(table) == {"lowres", "clutter"}
+    assert all(table[c]["CQD -> B"]["n"] == 1 for c in table)
+    # one teacher shared by both columns, 4 trained rows and 1 eval cell per column
+    assert len(_mtimes(tmp_path / "grid")) == 1 + 2 * 5
+    runs = json.loads((report / "runs.json").read_text())
+    assert {r["method"] for r in runs} == {"hq", "lq", "augment", "staged", "cqd"}
+    assert all(json.loads(r["config"])["seed"] == 0 for r in runs)
+    assert "[11/11" in out
+
+    before = _mtimes(tmp_path / "grid")
+    assert main(["table", "--config", cfg]) == 0
+    assert _mtimes(tmp_path / "grid") == before
+
+    assert main(["table", "--config", cfg, "--force"]) == 0
+    after = _mtimes(tmp_path / "grid")
+    assert all(after[p] > before[p] for p in before)
+
+
+def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
+    from cqd.config import load_grid_config
+    from cqd.engine.grid import claim, plan, run_cell
+    from pathlib import Path
+
+    grid = load_grid_config(_grid(tmp_path, tiny_config))
+    kind, cfg = plan(grid, Path(grid.out_dir))[0]
+    with claim(Path(cfg.out_dir)) as mine:
+        assert mine
+        with claim(Path(cfg.out_dir)) as again:
+            assert not again
+    (Path(cfg.out_dir) / ".lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 1}))
+    assert run_cell(kind, cfg) is None  # pid 1 is alive: another process holds the cell
+    (Path(cfg.out_dir) / ".lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 7}))
+    assert run_cell(kind, cfg)["method"] == "hq"  # a dead owner's lock is taken over
