@@ -1,8 +1,12 @@
-"""One exception type for every mistake a user can make.
+"""One exception type for every mistake a user can make, and how the CLI words any failure.
 
-The CLI prints a `CQDError` as one paragraph and exits non-zero; anything else is a bug and
-keeps its traceback.
+The CLI prints a `CQDError` as one paragraph (`cqd: error: ...`) and exits 2. An `OSError` (a file
+or folder the OS refuses) and running out of memory are worded the same way. Anything else is a bug
+in cqd: one `cqd: internal error:` line and exit 1; `cqd --debug ...` shows every traceback.
 """
+from __future__ import annotations
+
+import re
 
 
 class CQDError(Exception):
@@ -23,3 +27,38 @@ class CheckpointError(CQDError):
 
 class TrainingDiverged(CQDError):
     """A loss became NaN or infinite."""
+
+
+EXIT_USER, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _unwrap_worker(msg: str) -> str:
+    """A DataLoader worker re-raises our error as 'Caught DataError in DataLoader worker process 0.
+    Original Traceback ... cqd.errors.DataError: <message>': keep the message only."""
+    if "Original Traceback" not in msg:
+        return msg
+    found = list(re.finditer(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Diverged|Exception): ", msg, re.M))
+    return msg[found[-1].end():] if found else msg
+
+
+def _paragraph(msg: str) -> str:
+    """One paragraph: no blank lines, no trailing space."""
+    return re.sub(r"\n\s*\n+", "\n", msg.strip())
+
+
+def describe(e: BaseException) -> tuple[str, int]:
+    """(what `cqd` prints on stderr, exit code) for an exception that ended a command."""
+    if isinstance(e, KeyboardInterrupt):
+        return "cqd: interrupted", EXIT_INTERRUPTED
+    if isinstance(e, CQDError):
+        return f"cqd: error: {_paragraph(_unwrap_worker(str(e)))}", EXIT_USER
+    if isinstance(e, OSError):
+        what = e.strerror or str(e) or type(e).__name__
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"cqd: error: {names + ': ' if names else ''}{what} (check the path and its permissions)", EXIT_USER
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return ("cqd: error: out of memory; lower train.batch_size, data.image_size or data.num_workers "
+                "(or use a bigger device)"), EXIT_USER
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"cqd: internal error: {type(e).__name__}: {first}\nThis is a bug in cqd, not in your input; "
+            "run the same command with --debug for the traceback and report it."), EXIT_BUG
