@@ -127,6 +127,7 @@ class TrainConfig(_Strict):
     strategy: str = "auto"
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only at the end)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    cache_teacher: bool = Field(True, description="compute f(x) once when x is fixed; false: f runs every step")
     progress: bool = True
 
 

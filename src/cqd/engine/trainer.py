@@ -263,7 +263,7 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
     test_loader = fabric.setup_dataloaders(make_loader(test_ds, base_test, t.batch_size * 2, EpochSampler(len(test_ds), 0, fabric.global_rank, fabric.world_size, shuffle=False, pad=False), cfg.data.num_workers, False), use_distributed_sampler=False)
 
     soft_table = None
-    if method_cls.uses_teacher and maker.teacher_input_fixed:
+    if method_cls.uses_teacher and maker.teacher_input_fixed and t.cache_teacher:
         identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
                     "n": len(base_train), "data_seed": cfg.data.seed}
         if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split

@@ -1,0 +1,119 @@
+"""Speed measurements for cqd (not tests): prints a table and writes JSON.
+
+    python benchmarks/bench_cqd.py [--out runs/bench] [--steps 40] [--device cpu|cuda]
+
+Measures, in one run, on the same student, data and batch size:
+  1. CQD epoch time / fine-tune (B) epoch time, cached teacher   (target <= 1.10)
+  2. degradation time as a share of the training step time       (target < 5%)
+  3. fp32 vs bf16-mixed, channels_last on/off: training images/s
+  4. cached vs on-the-fly teacher: CQD training images/s
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cqd.config import run_config
+from cqd.degradations import parse_degradation
+from cqd.engine.trainer import train
+
+SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
+         "clutter:min_scale=0.5,max_scale=0.8+lowres:size=12", "jpeg:quality=20", "blur", "noise"]
+
+
+def base(out: Path, name: str, steps: int, device: str, **over) -> dict:
+    cfg = {"name": name, "out_dir": str(out / name), "cache_dir": str(out / "cache"), "model": "resnet8",
+           "data": {"train_subset": 64 * steps, "test_subset": 512, "degradation": "lowres:size=8"},
+           "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "progress": False, "accelerator": device,
+                     "precision": "32-true" if device == "cpu" else "bf16-mixed"},
+           "method": {"name": "lq"}}
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split("__")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return cfg
+
+
+def run(cfg: dict) -> dict:
+    """Train afresh; the second epoch's images/s (the first includes warm-up)."""
+    out = Path(cfg["out_dir"])
+    for f in ("result.json", "last.ckpt", "model.pt"):
+        (out / f).unlink(missing_ok=True)
+    res = train(run_config(cfg))
+    return {"images_per_s": res["history"][-1]["images_per_s"], "epoch_s": 1 / res["history"][-1]["images_per_s"]}
+
+
+def degradation_ms(spec: str, device: str, batch: int = 64, size: int = 32, reps: int = 20) -> float:
+    T = parse_degradation(spec)
+    T.bind((torch.rand(2048, 1, size, size) * 255).to(torch.uint8))
+    x, idx = torch.rand(batch, 1, size, size, device=device), torch.arange(batch, device=device)
+    T(x, idx)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        T(x, idx)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per epoch in each measurement")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    out, dev, steps = Path(args.out), args.device, args.steps
+    results: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
+                     "torch": torch.__version__, "threads": torch.get_num_threads(), "steps_per_epoch": steps}
+
+    teacher = base(out, "teacher", steps, dev, method__name="hq")
+    train(run_config(teacher))
+    tpath = str(out / "teacher" / "model.pt")
+    b = run(base(out, "B", steps, dev))
+    cqd_cached = run(base(out, "cqd_cached", steps, dev, method__name="cqd", teacher={"checkpoint": tpath}))
+    cqd_fly = run(base(out, "cqd_on_the_fly", steps, dev, method__name="cqd", teacher={"checkpoint": tpath},
+                       train__cache_teacher=False))
+    results["cqd_over_B_epoch_time"] = cqd_cached["epoch_s"] / b["epoch_s"]
+    results["B_images_per_s"] = b["images_per_s"]
+    results["cqd_cached_images_per_s"] = cqd_cached["images_per_s"]
+    results["cqd_on_the_fly_images_per_s"] = cqd_fly["images_per_s"]
+
+    step_ms = 64 / b["images_per_s"] * 1000
+    results["step_ms"] = step_ms
+    results["degradation_ms"] = {s: degradation_ms(s, dev) for s in SPECS}
+    results["degradation_share_of_step"] = {s: ms / step_ms for s, ms in results["degradation_ms"].items()}
+
+    prec = {}
+    for p in ("32-true", "bf16-mixed"):
+        for cl in (False, True):
+            key = f"{p}{' + channels_last' if cl else ''}"
+            prec[key] = run(base(out, f"prec_{p}_{cl}", steps, dev, train__precision=p, train__channels_last=cl))["images_per_s"]
+    results["precision_images_per_s"] = prec
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\ndevice: {results['device']}  torch {results['torch']}  threads {results['threads']}  resnet8, 32 px, batch 64")
+    print("| measurement | value | target |\n|---|---|---|")
+    print(f"| CQD (cached f) epoch time / B epoch time | {results['cqd_over_B_epoch_time']:.3f} | <= 1.10 |")
+    print(f"| B training images/s | {b['images_per_s']:.0f} | |")
+    print(f"| CQD cached teacher images/s | {cqd_cached['images_per_s']:.0f} | |")
+    print(f"| CQD on-the-fly teacher images/s | {cqd_fly['images_per_s']:.0f} | |")
+    for s in SPECS:
+        print(f"| degradation `{s}`: ms per batch / share of step | {results['degradation_ms'][s]:.2f} ms / "
+              f"{100 * results['degradation_share_of_step'][s]:.1f}% | < 5% |")
+    for k, v in prec.items():
+        print(f"| training images/s, {k} | {v:.0f} | |")
+    print(f"\nwrote {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
