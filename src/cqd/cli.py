@@ -8,7 +8,8 @@ from pathlib import Path
 
 from cqd.errors import CQDError
 
-DEMO_SPECS = ["clutter", "lowres:size=8", "edges", "tps:grid=4,sigma=24", "clutter+lowres:size=12"]
+DEMO_SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
+              "clutter:min_scale=0.5,max_scale=0.8+lowres:size=12"]  # the columns of configs/quick.yaml
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
