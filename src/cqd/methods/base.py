@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,7 +34,12 @@ class Method(nn.Module):
 
     @staticmethod
     def ce(logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(fp32(logits), y)
+
+
+def fp32(t: Tensor) -> Tensor:
+    """Logits for a loss: half/bfloat16 (autocast) go up to float32; float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -13,20 +13,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cqd.methods import METHODS
-from cqd.methods.base import Method
+from cqd.methods.base import Method, fp32
 
 
 def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """Mean over the batch of -sum_k softmax(t/T)_k log softmax(s/T)_k."""
-    q = F.softmax(teacher_logits.float() / T, dim=1)
-    return -(q * F.log_softmax(student_logits.float() / T, dim=1)).sum(1).mean()
+    q = F.softmax(fp32(teacher_logits) / T, dim=1)
+    return -(q * F.log_softmax(fp32(student_logits) / T, dim=1)).sum(1).mean()
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 10.0,
                       loss: str = "ce", scale: str = "paper") -> Tensor:
     """The un-weighted distillation term L2(g(z), f(x)) of Eq. 1 under the chosen convention."""
     if loss == "mse":
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
+        return F.mse_loss(fp32(student_logits), fp32(teacher_logits))
     d = soft_cross_entropy(student_logits, teacher_logits, T)
     return d * T * T if scale == "hinton" else d
 
