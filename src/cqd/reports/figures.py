@@ -16,9 +16,9 @@ from cqd.data.paired import PairMaker  # noqa: E402
 def _show(ax, img: torch.Tensor) -> None:
     img = img.detach().float().cpu().clamp(0, 1)
     if img.shape[0] == 1:
-        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
-        ax.imshow(img.permute(1, 2, 0))
+        ax.imshow(img.permute(1, 2, 0).numpy())
     ax.set_xticks([])
     ax.set_yticks([])
 
