@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--specs", nargs="+", help=f"degradation specs (default: {' '.join(DEMO_SPECS)})")
     p.add_argument("--out", default="runs/degradations.png")
-    p.add_argument("-n", type=int, default=8, help="images per row")
+    p.add_argument("-n", type=_positive_int, default=8, help="images per row")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("multires", help="multi-quality model (poster): route each test image to f or CQD by predicted quality")
@@ -155,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="test images to compute tau on (default 1000)")
     p.set_defaults(func=cmd_explain)
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,12 +11,15 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cqd.errors import ConfigError, CQDError
+
+
+MAX_SEED = 2**31 - 1  # seeds feed torch.manual_seed and int64 hashes (seed * 100003 + epoch must not overflow)
 
 
 def _registered(registry, name: str) -> str:
@@ -58,7 +61,7 @@ class DataConfig(_Strict):
     degradation: str = "lowres:size=8"
     hq_degradation: str = "none"
     fresh_each_epoch: bool = False
-    seed: int = Field(0, description="seeds the degraded twins (fixed across runs and methods)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the degraded twins (fixed across runs and methods)")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
 
@@ -133,7 +136,7 @@ class TrainConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     out_dir: str = "runs/run"
     cache_dir: str = "runs/cache"
     model: str = "resnet8"
@@ -171,7 +174,7 @@ class GridConfig(_Strict):
 
     name: str = "table"
     out_dir: str = "runs/table"
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1)
     rows: list[str] = ["hq", "lq", "augment", "staged", "cqd"]
     columns: dict[str, ColumnConfig]
     base: RunConfig = RunConfig()
@@ -232,7 +235,7 @@ def _origin(key: str, overrides: list[str]) -> str:
     """' (from override 'k=v')' when an override set `key` or the section holding it."""
     for item in reversed(overrides):
         k = item.partition("=")[0]
-        if key == k or key.startswith(k + "."):
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
             return f" (from override {item!r})"
     return ""
 
@@ -250,12 +253,14 @@ def _format(err: ValidationError, source: str, model: type[BaseModel] = None, ov
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 where = ".".join(str(p) for p in loc[:-1]) or "the top level"
                 msg += f"{hint} ({where} takes: {', '.join(allowed)})"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
         elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
             msg = f"must be a section (a mapping of keys), got {type(e.get('input')).__name__} {_short(e.get('input'))}"
         else:
             msg = re.sub(r"^(Value|Assertion) error, ", "", e["msg"])
             got = e.get("input")
-            if not (isinstance(got, str) and got and got in msg) and not isinstance(got, (dict, BaseModel)):
+            if not (isinstance(got, str) and got and got in msg):
                 msg += f" (got {_short(got)})"
         label = f"{key}: " if loc else ""  # a whole-config check names its keys itself
         lines.append(f"  {label}{msg}{_origin(key, list(overrides)) if loc else ''}")

@@ -175,7 +175,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             "written by cqd or a plain state_dict."
         ) from None
     except Exception as e:  # noqa: BLE001 - any failure to parse the file means it is not a checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds paragraphs of advice
         raise CheckpointError(
             f"checkpoint {p} is truncated, corrupt or not a PyTorch file ({type(e).__name__}: {first[:200]})"
         ) from None
