@@ -338,8 +338,10 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
                         bad = [k for k, v in losses.items() if not torch.isfinite(v)]
                         raise TrainingDiverged(
                             f"{cfg.name}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1} "
-                            f"(non-finite term: {', '.join(bad) or 'the sum'}). The last good checkpoint "
-                            f"{out / CKPT} is kept; lower train.lr or method.lam and resume or restart.")
+                            f"(non-finite term: {', '.join(bad) or 'the sum'}). "
+                            + (f"The last good checkpoint {out / CKPT} is kept; " if (out / CKPT).is_file()
+                               else "No checkpoint was written yet; ")
+                            + "lower train.lr or method.lam and start again (without --resume, or in a new out_dir).")
                     opt.zero_grad(set_to_none=True)
                     fabric.backward(loss)
                     consistent = False
