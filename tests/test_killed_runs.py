@@ -39,13 +39,17 @@ def launch(config: Path, resume: bool, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
-    """True once `path` exists (the run reached its training loop), False if the process ended first."""
+def epochs_logged(log: Path) -> int:
+    return log.read_text(errors="replace").count("killed epoch ") if log.exists() else 0
+
+
+def wait_for_epoch(log: Path, before: int, proc: subprocess.Popen, timeout: float = 180) -> bool:
+    """True once this process has logged an epoch (so it saved a checkpoint), False if it ended first."""
     t0 = time.monotonic()
-    while not path.exists():
+    while epochs_logged(log) <= before:
         if proc.poll() is not None:
             return False
-        assert time.monotonic() - t0 < timeout, "the run did not start"
+        assert time.monotonic() - t0 < timeout, "the run made no progress"
         time.sleep(0.02)
     return True
 
@@ -65,24 +69,24 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     rng = random.Random(20240611)
     epochs_at_kill = []
     for attempt in range(KILLS):
-        (out / "config.json").unlink(missing_ok=True)  # rewritten by each run just before its loop
+        before = epochs_logged(log)
         proc = launch(config, resume=attempt > 0, log=log)
-        started = wait_for(out / "config.json", proc)
-        if started:
-            time.sleep(rng.uniform(0.05, 1.0))
+        # after the process's first epoch, a random moment within the next one or two epochs:
+        # mid-step, mid-evaluation or inside a checkpoint write
+        if wait_for_epoch(log, before, proc):
+            time.sleep(rng.uniform(0.0, 0.6))
             try:
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         proc.wait(timeout=120)
         assert proc.returncode in (0, -signal.SIGKILL), log.read_text()[-3000:]
-        if (out / "last.ckpt").exists():  # whatever the moment of the kill, a complete checkpoint
-            ck = load_checkpoint(out / "last.ckpt")
-            epochs_at_kill.append((ck["epoch"], ck["step_in_epoch"]))
-            assert ck["step_in_epoch"] == 0  # SIGKILL saves nothing: only epoch-end checkpoints exist
+        ck = load_checkpoint(out / "last.ckpt")  # whatever the moment of the kill: a complete checkpoint
+        assert ck["step_in_epoch"] == 0  # SIGKILL saves nothing: only epoch-end checkpoints exist
+        epochs_at_kill.append(ck["epoch"])
         if proc.returncode == 0:
             break
-    assert epochs_at_kill, "no kill landed after a checkpoint; lower the delays"
+    assert epochs_at_kill == sorted(epochs_at_kill) and epochs_at_kill[0] >= 1
 
     proc = launch(config, resume=True, log=log)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
@@ -98,3 +102,42 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     for a, b in zip(result["history"], reference["history"]):
         assert a["epoch"] == b["epoch"] and a["loss_ce"] == b["loss_ce"] and a["lr"] == b["lr"]
     assert not list(out.glob(".*.tmp")), "a killed writer's temp file was left behind"
+
+
+WRITER = """
+import sys, torch
+from cqd.engine.checkpoint import save_checkpoint
+path, i = sys.argv[1], int(sys.argv[2])
+while True:
+    save_checkpoint({"i": i, "w": torch.full((1_000_000,), float(i))}, path)
+    print(i, flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_keeps_a_complete_file(tmp_path):
+    """A process that does nothing but rewrite a 4 MB checkpoint is killed at random moments (mostly
+    inside a write): the file is always a complete one, and the dead writers' temp files go away."""
+    path = tmp_path / "last.ckpt"
+    rng = random.Random(7)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start, torn = 0, 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert int(proc.stdout.readline()) == start  # its first write is complete (and old temps are gone)
+        time.sleep(rng.uniform(0.05, 0.5))
+        proc.kill()
+        proc.wait()
+        torn += bool(list(tmp_path.glob(".*.tmp")))
+        ck = load_checkpoint(path)
+        assert torch.equal(ck["w"], torch.full((1_000_000,), float(ck["i"])))
+        start = ck["i"] + 1
+    assert start > 3
+    print(f"{torn} of 3 kills landed inside a checkpoint write")
+    proc = subprocess.run([sys.executable, "-c", WRITER.replace("while True", "for _ in range(1)"), str(path),
+                           str(start)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(path)["i"] == start
+    assert not list(tmp_path.glob(".*.tmp")), f"temp files of killed writers left ({torn} kills landed mid-write)"
