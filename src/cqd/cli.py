@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def cmd_train(args) -> int:
     from cqd.api import train
 
     res = train(args.config, *_overrides(args), resume=args.resume)
-    print(json.dumps({k: res[k] for k in ("name", "method", "degradation", "acc_hq", "acc_lq", "wall_s", "images_per_s")}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
+        print(json.dumps({k: res[k] for k in ("name", "method", "degradation", "acc_hq", "acc_lq", "wall_s", "images_per_s")}, indent=2))
     return 0
 
 

@@ -52,22 +52,25 @@ def _box(fields: list[str]) -> tuple[float, float, float, float]:
 def _table(path: Path, width: int, parse: Callable[[list[str]], object]) -> dict[int, object]:
     """`<id> <fields...>` lines keyed by id; the last field may contain spaces."""
     rows: dict[int, object] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split(maxsplit=width - 1)
-            try:
-                if len(parts) != width:
-                    raise ValueError(line)
-                key, value = int(parts[0]), parse([p.strip() for p in parts[1:]])
-            except ValueError:
-                raise DataError(
-                    f"{path}, line {n}: expected {FILES[path.name]!r}, found {line.strip()!r}"
-                ) from None
-            if key in rows:
-                raise DataError(f"{path}, line {n}: id {key} appears twice")
-            rows[key] = value
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-extract CUB_200_2011.tgz") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=width - 1)
+        try:
+            if len(parts) != width:
+                raise ValueError(line)
+            key, value = int(parts[0]), parse([p.strip() for p in parts[1:]])
+        except ValueError:
+            raise DataError(
+                f"{path}, line {n}: expected {FILES[path.name]!r}, found {line.strip()!r}"
+            ) from None
+        if key in rows:
+            raise DataError(f"{path}, line {n}: id {key} appears twice")
+        rows[key] = value
     return rows
 
 

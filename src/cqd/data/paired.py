@@ -58,9 +58,12 @@ class PairMaker:
 
     def prepare(self, dataset) -> None:
         """Check T against the dataset's images and give clutter its bank of other images."""
+        bank = None
         for T in (self.T, self.T_hq):
             T.check(dataset.in_chans, dataset.image_size)
-            T.bind(dataset.clutter_bank(2048, seed=self.seed))
+            if T.needs_bank:
+                bank = dataset.clutter_bank(2048, seed=self.seed) if bank is None else bank
+                T.bind(bank)
 
     def normalize(self, img: Tensor) -> Tensor:
         m, s = self.mean.to(img.device), self.std.to(img.device)

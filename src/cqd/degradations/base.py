@@ -80,6 +80,7 @@ class Degradation:
     """
 
     name: ClassVar[str] = ""
+    needs_bank: ClassVar[bool] = False  # bind() wants other images of the dataset
 
     def check(self, channels: int, size: int) -> None:
         """Raise CQDError if T cannot apply to images of this shape (called once, before training)."""
@@ -117,6 +118,10 @@ class Compose(Degradation):
     def check(self, channels: int, size: int) -> None:
         for s in self.stages:
             s.check(channels, size)
+
+    @property
+    def needs_bank(self) -> bool:
+        return any(s.needs_bank for s in self.stages)
 
     def bind(self, bank: Tensor) -> None:
         for s in self.stages:

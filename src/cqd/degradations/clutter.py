@@ -23,6 +23,7 @@ class Clutter(Degradation):
     """
 
     name = "clutter"
+    needs_bank = True
     canvas: int = 64
     min_scale: float = 0.35
     max_scale: float = 0.6

@@ -6,10 +6,16 @@ from pathlib import Path
 from torch.utils.data import Subset
 
 from cqd.config import RunConfig
-from cqd.engine.trainer import EpochSampler, build_datasets, evaluate, load_model, make_fabric, make_loader, make_maker
+from cqd.engine.trainer import (EpochSampler, build_datasets, evaluate, flush_denormals, load_model, make_fabric,
+                                make_loader, make_maker)
 
 
 def evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
+    with flush_denormals():
+        return _evaluate_saved(model_path, cfg)
+
+
+def _evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
     t = cfg.train
     fabric = make_fabric(t, devices=1)
     _, test_ds, _, base_test = build_datasets(cfg)
