@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import nested
+
 torch.set_num_threads(1)
 
 
@@ -22,12 +24,6 @@ def tiny_config(tmp_path):
             "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4},
             "method": {"name": "lq"},
         }
-        for key, value in over.items():
-            node = cfg
-            *parents, last = key.split("__")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[last] = value
-        return cfg
+        return nested(cfg, **over)
 
     return make

@@ -23,6 +23,7 @@ from cqd.config import run_config
 from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.evaluate import evaluate_saved
 from cqd.engine.trainer import train
+from helpers import nested
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +63,7 @@ def _cfg(tmp: Path, name: str, batch: int, **over) -> dict:
            "train": {"epochs": 2, "batch_size": batch, "lr": 0.02, "progress": False, "max_steps_per_epoch": 3,
                      "accelerator": "cpu", "precision": "32-true"},
            "method": {"name": "lq"}}
-    for k, v in over.items():
-        node = cfg
-        *parents, last = k.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return cfg
+    return nested(cfg, **over)
 
 
 def _is_count_of(acc: float, n: int) -> bool:

@@ -27,6 +27,7 @@ from cqd.engine.trainer import build_datasets, load_model, make_maker, train
 from cqd.errors import ConfigError
 from cqd.methods.base import Method
 from cqd.models import create_model
+from helpers import nested
 
 METHODS = ["hq", "lq", "augment", "staged", "cqd"]
 
@@ -39,13 +40,7 @@ def make_cfg(root: Path, name: str, **over) -> dict:
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4},
         "method": {"name": "lq"},
     }
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split("__")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return cfg
+    return nested(cfg, **over)
 
 
 @pytest.fixture(scope="module")
