@@ -73,3 +73,21 @@ def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
     assert run_cell(kind, cfg) is None  # pid 1 is alive: another process holds the cell
     (Path(cfg.out_dir) / ".lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 7}))
     assert run_cell(kind, cfg)["method"] == "hq"  # a dead owner's lock is taken over
+
+
+def test_two_processes_share_one_grid(tmp_path, tiny_config):
+    """Two `cqd table` processes on one folder: both finish, each cell is trained once, the report is whole."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _grid(tmp_path, tiny_config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "cqd", "table", "--config", cfg], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    names = [line.split(" epoch 1/1: ")[0] for out in outs for line in out.splitlines() if " epoch 1/1: " in line]
+    assert len(names) == len(set(names)) == 1 + 2 * 4, names  # teacher + 4 trained rows per column, none twice
+    table = json.loads((tmp_path / "grid" / "report" / "table.json").read_text())["table"]
+    assert all(table[c][row]["n"] == 1 for c in table for row in table[c] if row != "gap closed")

@@ -64,11 +64,10 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
     total, t0 = len(plan(grid, Path(grid.out_dir))), time.perf_counter()
     done = [0]
 
-    def on_cell(name: str, res: dict | None) -> None:
+    def on_cell(name: str, res: dict) -> None:
         done[0] += 1
-        what = "held by another process, skipped" if res is None else (
-            f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%")
-        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {what}", flush=True)
+        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: "
+              f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%", flush=True)
 
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"

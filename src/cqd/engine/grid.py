@@ -18,6 +18,7 @@ from typing import Callable
 from cqd.config import GridConfig, RunConfig
 from cqd.engine.checkpoint import save_json
 from cqd.engine.trainer import MODEL, RESULT
+from cqd.methods import METHODS
 
 TEACHER_ROW = "hq"
 
@@ -96,12 +97,10 @@ def plan(grid: GridConfig, out: Path) -> list[tuple[str, RunConfig]]:
                 cells.append(("train", t))
             for method in grid.rows:
                 cfg = cell_config(grid, column, method, seed, out)
-                if method == TEACHER_ROW:
+                cls = METHODS.get(method)
+                if method == TEACHER_ROW or cls.uses_teacher or cls.init_from_teacher != "never":
                     cfg.teacher.checkpoint = str(Path(t.out_dir) / MODEL)
-                    cells.append(("eval", cfg))
-                else:
-                    cfg.teacher.checkpoint = str(Path(t.out_dir) / MODEL)
-                    cells.append(("train", cfg))
+                cells.append(("eval" if method == TEACHER_ROW else "train", cfg))
     return cells
 
 
@@ -141,12 +140,30 @@ def collect(grid: GridConfig) -> list[tuple[str, RunConfig, dict | None]]:
     return rows
 
 
-def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict | None], None] | None = None) -> None:
-    """Run every cell not yet done (all of them with `force`), skipping cells another process holds."""
+def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
+             poll_s: float = 5.0) -> None:
+    """Run every cell not yet done (all of them once with `force`).
+
+    A cell held by another process, or whose teacher another process is still training, is
+    retried after the others; the call returns when every cell has a result.
+    """
     out = Path(grid.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json(grid.model_dump(), out / "grid.json")
-    for kind, cfg in plan(grid, out):
-        res = run_cell(kind, cfg, force=force)
-        if on_cell:
-            on_cell(cfg.name, res)
+    pending, forced = plan(grid, out), set()
+    while pending:
+        waiting = []
+        for kind, cfg in pending:
+            teacher = cfg.teacher.checkpoint
+            if teacher is not None and not Path(teacher).is_file():
+                waiting.append((kind, cfg))
+                continue
+            res = run_cell(kind, cfg, force=force and cfg.out_dir not in forced)
+            forced.add(cfg.out_dir)
+            if res is None:
+                waiting.append((kind, cfg))
+            elif on_cell:
+                on_cell(cfg.name, res)
+        if len(waiting) == len(pending):
+            time.sleep(poll_s)
+        pending = waiting
