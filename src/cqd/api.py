@@ -31,3 +31,19 @@ def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | Non
     from cqd.engine.evaluate import evaluate_saved
 
     return evaluate_saved(model_path, _cfg(config, overrides))
+
+
+def table(config: str | Path, *overrides: str, force: bool = False, on_cell=None) -> dict:
+    """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
+
+    `on_cell(name, result)` is called as each cell finishes (the CLI prints progress with it).
+    """
+    from cqd.config import load_grid_config
+    from cqd.engine.grid import collect, run_grid
+    from cqd.reports.table import write_report
+
+    grid = load_grid_config(config, list(overrides))
+    run_grid(grid, force=force, on_cell=on_cell)
+    report_dir = Path(grid.out_dir) / "report"
+    md, summary = write_report(collect(grid), list(grid.columns), grid.seeds, report_dir, grid.name)
+    return {"markdown": md, "table": summary, "report_dir": str(report_dir)}

@@ -56,9 +56,9 @@ def cmd_show(args) -> int:
 def _run_table(config: str, overrides: list[str], force: bool) -> int:
     import time
 
+    from cqd.api import table
     from cqd.config import load_grid_config
-    from cqd.engine.grid import collect, plan, run_grid
-    from cqd.reports.table import write_report
+    from cqd.engine.grid import plan
 
     grid = load_grid_config(config, overrides)
     total, t0 = len(plan(grid, Path(grid.out_dir))), time.perf_counter()
@@ -69,11 +69,9 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
         print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: "
               f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%", flush=True)
 
-    run_grid(grid, force=force, on_cell=on_cell)
-    report_dir = Path(grid.out_dir) / "report"
-    md, _ = write_report(collect(grid), list(grid.columns), grid.seeds, report_dir, grid.name)
-    print("\n" + md)
-    print(f"report: {report_dir}/table.md, table.png, table.json, runs.csv, runs.json ({time.perf_counter() - t0:.0f}s)")
+    out = table(config, *overrides, force=force, on_cell=on_cell)
+    print("\n" + out["markdown"])
+    print(f"report: {out['report_dir']}/table.md, table.png, table.json, runs.csv, runs.json ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 
