@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cqd.config import load_grid_config, load_run_config, load_yaml
+from cqd.config import load_grid_config, load_run_config, load_yaml, presets
+from cqd.errors import ConfigError
 from cqd.degradations import parse_degradation
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -20,3 +21,19 @@ def test_shipped_config_is_valid(path):
     else:
         cfg = load_run_config(path)
         parse_degradation(cfg.data.degradation).check(1, cfg.data.image_size)
+
+
+def test_configs_folder_is_the_shipped_presets():
+    assert [p.name for p in CONFIGS] == presets() and len(CONFIGS) >= 7
+
+
+def test_presets_resolve_from_any_folder_and_a_local_file_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repo: no configs/ here
+    assert load_grid_config("configs/quick.yaml").out_dir == "runs/quick"
+    assert load_grid_config("quick").out_dir == "runs/quick"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quick.yaml").write_text("name: mine\nout_dir: mine\ncolumns: {a: {degradation: gray}}\n")
+    assert load_grid_config("configs/quick.yaml").out_dir == "mine"
+    for missing in ["configs/nope.yaml", "nope", "elsewhere/quick.yaml"]:
+        with pytest.raises(ConfigError, match=r"does not exist; the shipped presets are configs/\{cars.yaml,.*quick.yaml"):
+            load_yaml(missing)

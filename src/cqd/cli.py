@@ -7,14 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from cqd.errors import CQDError
 
 DEMO_SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
               "clutter:min_scale=0.5,max_scale=0.8+lowres:size=12"]  # the columns of configs/quick.yaml
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", required=config_required, help="YAML config (see configs/)")
+    p.add_argument("--config", required=config_required, help="YAML config file, or a shipped preset by name (configs/NAME.yaml or NAME)")
     p.add_argument("--data-dir", help="dataset folder (sets data.root)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.lam=50 train.epochs=3")
 
@@ -79,13 +78,6 @@ def cmd_table(args) -> int:
     return _run_table(args.config, _overrides(args), args.force)
 
 
-def cmd_demo(args) -> int:
-    cfg = Path(args.config)
-    if not cfg.is_file():
-        raise CQDError(f"demo config {cfg} not found; run `cqd demo` from the repository root or pass --config configs/quick.yaml")
-    return _run_table(str(cfg), _overrides(args), args.force)
-
-
 def cmd_multires(args) -> int:
     from cqd.analysis.multires import multires
     from cqd.config import load_run_config
@@ -136,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(config="configs/quick.yaml")
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_table)  # the quick preset
 
     p = sub.add_parser("show-degradations", help="PNG grid: high-quality images, then one row per degradation")
     _common(p)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from cqd.errors import ConfigError, CQDError
 
 
+PRESETS = Path(__file__).parent / "configs"  # shipped configs; configs/ in the repo links here
 MAX_SEED = 2**31 - 1  # seeds feed torch.manual_seed and int64 hashes (seed * 100003 + epoch must not overflow)
 
 
@@ -300,14 +301,27 @@ def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"config file {where} is not valid YAML: {problem}" + (f" ({context})" if context else ""))
 
 
+def presets() -> list[str]:
+    """The config files shipped with cqd (the repo's configs/ folder is a link to them)."""
+    return sorted(f.name for f in PRESETS.iterdir() if f.suffix == ".yaml")
+
+
+def _resolve_config(p: Path) -> Path:
+    """`p` itself, else (for a bare preset name or `configs/NAME.yaml` outside the repo) the shipped preset."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder; pass a YAML file, e.g. one of configs/{{{','.join(presets())}}}")
+    if p.is_file():
+        return p
+    preset = PRESETS / (p.name if p.suffix else p.name + ".yaml")
+    if p.parent in (Path("configs"), Path()) and preset.is_file():
+        return preset
+    raise ConfigError(f"config file {p} does not exist; the shipped presets are configs/{{{','.join(presets())}}}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"a config must be a YAML file name, a dict or a RunConfig, got {type(path).__name__} {_short(path)}")
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a folder; pass a YAML file (configs ship in the repo's configs/ folder)")
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist (configs ship in the repo's configs/ folder)")
+    p = _resolve_config(Path(path))
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as e:
