@@ -62,6 +62,7 @@ class DataConfig(_Strict):
     degradation: str = "lowres:size=8"
     hq_degradation: str = "none"
     fresh_each_epoch: bool = False
+    twin_cache_mb: int = Field(1024, ge=0, description="fixed twins are made once and kept on the device when they fit in this many MB (0: made every step)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the degraded twins (fixed across runs and methods)")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)

@@ -46,6 +46,7 @@ class PairMaker:
         self.hq_view, self.lq_view, self.seed, self.fresh = hq_view, lq_view, seed, fresh_each_epoch
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._twins: tuple[Tensor, Tensor, Tensor] | None = None  # (row of each dataset index (CPU), z, box)
 
     @property
     def teacher_input_fixed(self) -> bool:
@@ -69,12 +70,40 @@ class PairMaker:
         m, s = self.mean.to(img.device), self.std.to(img.device)
         return ((img - m) / s).contiguous(memory_format=self.memory_format)
 
+    @torch.no_grad()
+    def fix_twins(self, loader, device, size: int) -> int:
+        """Make z and its box once for every item `loader` yields and keep them on `device`.
+
+        The paper generated its degraded sets once; with fixed pairs (not `fresh_each_epoch`) a
+        twin never changes, so the steps then only look it up. The loader's order fixes the
+        batches T sees, so a run and its resumed or multi-process twin get the same table.
+        `size` is the dataset's length (batch indices are < size). Returns the number of items.
+        """
+        if self.fresh:
+            raise CQDError("fix_twins needs fixed pairs; with fresh_each_epoch the twins change every epoch")
+        self._twins = None
+        slot, zs, boxes, n = torch.full((size,), -1, dtype=torch.long), [], [], 0
+        for batch in loader:
+            _, z, box = self.views(batch, device)
+            slot[batch["index"]] = torch.arange(n, n + len(z))
+            zs.append(z)
+            boxes.append(box)
+            n += len(z)
+        if n:
+            self._twins = (slot, torch.cat(zs), torch.cat(boxes))
+        return n
+
     def views(self, batch: dict, device, epoch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Unnormalized x, z in [0, 1] and z's box."""
         idx = batch["index"].to(device)
         ep = epoch if self.fresh else None
         x = batch[self.hq_view].to(device, non_blocking=True).float().div_(255)
         x, _ = self.T_hq(x, idx, self.seed, ep)
+        if self._twins is not None:
+            slot = self._twins[0][batch["index"].cpu()]  # on the CPU: no device sync to check it
+            if bool((slot >= 0).all()):
+                slot = slot.to(device, non_blocking=True)
+                return x, self._twins[1][slot], self._twins[2][slot]
         lq = x if self.lq_view == self.hq_view and self.T_hq.spec() == "none" else (
             batch[self.lq_view].to(device, non_blocking=True).float().div_(255))
         z, box = self.T(lq, idx, self.seed + 1, ep)

@@ -273,6 +273,13 @@ def _train(cfg: RunConfig, resume: bool, fabric: Fabric | None) -> dict:
     model, opt = fabric.setup(method, opt)
     test_loader = fabric.setup_dataloaders(make_loader(test_ds, base_test, t.batch_size * 2, EpochSampler(len(test_ds), 0, fabric.global_rank, fabric.world_size, shuffle=False, pad=False), cfg.data.num_workers, False), use_distributed_sampler=False)
 
+    all_loader = make_loader(train_ds, base_train, t.batch_size * 2, EpochSampler(len(train_ds), 0, shuffle=False), cfg.data.num_workers, False)
+    twin_mb = len(train_ds) * in_chans * cfg.data.image_size ** 2 * 4 / 2**20
+    if not cfg.data.fresh_each_epoch and maker.T.spec() != "none" and twin_mb <= cfg.data.twin_cache_mb:
+        t_twins = time.perf_counter()
+        n = maker.fix_twins(all_loader, fabric.device, len(base_train))
+        log(f"degraded twins: made once for {n} items ({twin_mb:.0f} MB on {fabric.device}, {time.perf_counter() - t_twins:.1f}s)")
+
     soft_table = None
     if method_cls.uses_teacher and maker.teacher_input_fixed and t.cache_teacher:
         identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
@@ -280,7 +287,6 @@ def _train(cfg: RunConfig, resume: bool, fabric: Fabric | None) -> dict:
         if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
             identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
         key = cache_key(teacher, identity, maker.view_key())
-        all_loader = make_loader(train_ds, base_train, t.batch_size * 2, EpochSampler(len(train_ds), 0, shuffle=False), cfg.data.num_workers, False)
         soft_table, hit = cached_teacher_logits(cfg.cache_dir, key, lambda: compute_logits(teacher, all_loader, maker, fabric.device, len(base_train)))
         soft_table = soft_table.to(fabric.device)
         log(f"teacher soft targets: {'cache hit' if hit else 'computed and cached'} ({cfg.cache_dir}/teacher-{key}.pt)")
