@@ -21,7 +21,8 @@ def tiny_config(tmp_path):
             "cache_dir": str(tmp_path / "cache"),
             "model": "resnet8",
             "data": {"train_subset": 256, "test_subset": 128, "image_size": 32, "degradation": "lowres:size=8"},
-            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4,
+                  "precision": "32-true"},  # the same numbers on every CPU (auto is bf16 where native)
             "method": {"name": "lq"},
         }
         return nested(cfg, **over)

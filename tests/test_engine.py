@@ -37,7 +37,8 @@ def make_cfg(root: Path, name: str, **over) -> dict:
     cfg = {
         "name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
         "data": {"train_subset": 128, "test_subset": 64, "image_size": 32, "degradation": "lowres:size=8"},
-        "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 4,
+                  "precision": "32-true"},  # the same numbers on every CPU (auto is bf16 where native)
         "method": {"name": "lq"},
     }
     return nested(cfg, **over)
@@ -359,3 +360,24 @@ def test_cli_train_then_eval(teacher, tmp_path, capsys):
     assert ev["n_test"] == 64
     assert ev["acc_hq"] == pytest.approx(result["acc_hq"], abs=1e-6)
     assert ev["acc_lq"] == pytest.approx(result["acc_lq"], abs=1e-6)
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_precision_on_cpu_follows_native_bf16(native_bf16, expected, monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: native_bf16)
+    t = run_config({"train": {"accelerator": "cpu"}}).train
+    assert trainer.make_fabric(t)._precision.precision == expected
+    assert trainer.make_fabric(t.model_copy(update={"precision": "32-true"}))._precision.precision == "32-true"
+
+
+def test_bf16_mixed_on_cpu_trains_and_keys_its_own_teacher_cache(root, teacher, tmp_path, capsys):
+    """bf16 autocast on the CPU (what `auto` picks on CPUs with native bf16): CQD learns, and f(x)
+    computed under bf16 is cached apart from the fp32 table."""
+    cfg = make_cfg(root, "bf16", method__name="cqd", teacher__checkpoint=teacher, train__precision="bf16-mixed",
+                   train__epochs=2, cache_dir=str(tmp_path))
+    res = train(cfg)
+    losses = [h["loss_ce"] for h in res["history"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert "computed and cached" in capsys.readouterr().out
+    train(make_cfg(root, "fp32", method__name="cqd", teacher__checkpoint=teacher, train__epochs=1, cache_dir=str(tmp_path)))
+    assert "computed and cached" in capsys.readouterr().out  # not the bf16 table

@@ -125,7 +125,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
-        "auto", description="auto: bf16-mixed on CUDA, 32-true on CPU (bf16 was 10x slower on an AVX2 CPU)")
+        "auto", description="auto: bf16-mixed on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else 32-true")
     channels_last: bool = True
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     devices: int | str = 1

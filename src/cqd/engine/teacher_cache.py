@@ -6,6 +6,7 @@ dataset identity and the view, so a changed teacher, dataset or teacher-view deg
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -31,13 +32,16 @@ def cache_key(teacher: nn.Module, data_identity: dict, view_key: str) -> str:
 
 
 @torch.no_grad()
-def compute_logits(teacher: nn.Module, loader, maker, device, size: int) -> Tensor:
-    """f(x) for every item the loader yields, as a (size, K) float32 table indexed by dataset index."""
+def compute_logits(teacher: nn.Module, loader, maker, device, size: int, autocast=contextlib.nullcontext) -> Tensor:
+    """f(x) for every item the loader yields, as a (size, K) float32 table indexed by dataset index.
+
+    `autocast` is the run's (`fabric.autocast`), so the table equals the on-the-fly teacher's logits."""
     teacher.eval()
     table = None
     for batch in loader:
         x, _, _ = maker.views(batch, device)
-        logits = teacher(maker.normalize(x)).float()
+        with autocast():
+            logits = teacher(maker.normalize(x)).float()
         if table is None:
             table = torch.full((size, logits.shape[1]), float("nan"), device=device)
         table[batch["index"].to(device)] = logits
