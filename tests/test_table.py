@@ -47,6 +47,7 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
     runs = json.loads((report / "runs.json").read_text())
     assert {r["method"] for r in runs} == {"hq", "lq", "augment", "staged", "cqd"}
     assert all(json.loads(r["config"])["seed"] == 0 for r in runs)
+    assert {r["precision"] for r in runs} == {"32-true"} and all(r["wall_s"] > 0 and r["images_per_s"] > 0 for r in runs)
     assert "[11/11" in out
 
     before = _mtimes(tmp_path / "grid")

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import inspect
 import io
+import logging
 import math
 import signal
 import sys
@@ -79,8 +80,16 @@ def make_fabric(t, devices=None) -> Fabric:
             precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         else:
             precision = "bf16-mixed" if cpu and cpu_has_bf16() else "32-true"
-    return Fabric(accelerator=t.accelerator, devices=devices or t.devices,
-                  strategy="auto" if devices else t.strategy, precision=precision)
+    quiet = [logging.getLogger(n) for n in ("lightning.fabric", "lightning.pytorch")]  # its "Using bfloat16 AMP" lines
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        return Fabric(accelerator=t.accelerator, devices=devices or t.devices,
+                      strategy="auto" if devices else t.strategy, precision=precision)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def build_datasets(cfg: RunConfig):
@@ -420,7 +429,8 @@ def _train(cfg: RunConfig, resume: bool, fabric: Fabric | None) -> dict:
               "degradation": cfg.data.degradation, "acc_hq": final.get("acc_hq"), "acc_lq": final.get("acc_lq"),
               "wall_s": time.perf_counter() - t0, "train_s": step_time,
               "images_per_s": seen / step_time if step_time else None, "teacher": teacher_path,
-              "world_size": fabric.world_size, "history": history, "config": cfg.model_dump()}
+              "world_size": fabric.world_size, "precision": fabric.strategy.precision.precision, "history": history,
+              "config": cfg.model_dump()}
     if fabric.is_global_zero:
         save_checkpoint({"model_name": cfg.model, "num_classes": num_classes, "in_chans": in_chans,
                          "model": student.state_dict(), "config": cfg.model_dump()}, out / MODEL)

@@ -99,7 +99,7 @@ def run_rows(cells) -> list[dict]:
         rows.append({"name": cfg.name, "kind": kind, "method": cfg.method.name, "seed": cfg.seed,
                      "degradation": cfg.data.degradation, "acc_hq": res.get("acc_hq"), "acc_lq": res.get("acc_lq"),
                      "wall_s": res.get("wall_s"), "images_per_s": res.get("images_per_s"),
-                     "config": json.dumps(cfg.model_dump(), sort_keys=True)})
+                     "precision": res.get("precision"), "config": json.dumps(cfg.model_dump(), sort_keys=True)})
     return rows
 
 
