@@ -92,3 +92,27 @@ def test_two_processes_share_one_grid(tmp_path, tiny_config):
     assert len(names) == len(set(names)) == 1 + 2 * 4, names  # teacher + 4 trained rows per column, none twice
     table = json.loads((tmp_path / "grid" / "report" / "table.json").read_text())["table"]
     assert all(table[c][row]["n"] == 1 for c in table for row in table[c] if row != "gap closed")
+
+
+def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_once_it_is_gone(tmp_path, tiny_config):
+    import threading
+    from pathlib import Path
+
+    from cqd.config import load_grid_config
+    from cqd.engine.grid import plan, run_grid
+
+    grid = load_grid_config(_grid(tmp_path, tiny_config))
+    _, cfg = plan(grid, Path(grid.out_dir))[-1]
+    lock = Path(cfg.out_dir) / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "another-host", "pid": 1234}))
+    said = []
+    worker = threading.Thread(target=run_grid, args=(grid,), kwargs={"poll_s": 0.05, "note_s": 0.2, "log": said.append})
+    worker.start()
+    while not said and worker.is_alive():
+        worker.join(0.05)
+    assert said and str(lock) in said[0] and "host another-host, pid 1234" in said[0] and "delete it" in said[0]
+    assert not (Path(cfg.out_dir) / "result.json").exists()
+    lock.unlink()  # what the user does once the other host's process is gone
+    worker.join(120)
+    assert not worker.is_alive() and (Path(cfg.out_dir) / "result.json").is_file()

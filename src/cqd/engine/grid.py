@@ -140,17 +140,28 @@ def collect(grid: GridConfig) -> list[tuple[str, RunConfig, dict | None]]:
     return rows
 
 
+def holder(cell: Path) -> str:
+    """Who holds `cell`'s lock, for a message."""
+    lock = cell / ".lock"
+    try:
+        owner = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        owner = {}
+    return f"{lock} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')})"
+
+
 def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
-             poll_s: float = 5.0) -> None:
+             poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> None:
     """Run every cell not yet done (all of them once with `force`).
 
     A cell held by another process, or whose teacher another process is still training, is
-    retried after the others; the call returns when every cell has a result.
+    retried after the others; the call returns when every cell has a result. While only such
+    cells are left, every `note_s` seconds `log` names the locks it waits for.
     """
     out = Path(grid.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json(grid.model_dump(), out / "grid.json")
-    pending, forced = plan(grid, out), set()
+    pending, forced, noted = plan(grid, out), set(), time.monotonic()
     while pending:
         waiting = []
         for kind, cfg in pending:
@@ -165,5 +176,11 @@ def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict
             elif on_cell:
                 on_cell(cfg.name, res)
         if len(waiting) == len(pending):
+            if time.monotonic() - noted >= note_s:
+                held = [holder(Path(c.out_dir)) for _, c in waiting if (Path(c.out_dir) / ".lock").is_file()]
+                log(f"waiting for {len(waiting)} cell(s) that other processes hold or need: {'; '.join(held[:3])}"
+                    + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+                    + ". A lock whose process is gone is taken over on its own host; from another host, delete it.")
+                noted = time.monotonic()
             time.sleep(poll_s)
         pending = waiting
