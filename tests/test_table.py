@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import yaml
 
 from cqd.cli import main
+from cqd.config import load_grid_config
+from cqd.engine.grid import plan, run_cell
 
 
 def _grid(tmp_path, tiny_config) -> str:
@@ -54,15 +58,19 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
     assert main(["table", "--config", cfg]) == 0
     assert _mtimes(tmp_path / "grid") == before
 
+    forced_at = time.time()
     assert main(["table", "--config", cfg, "--force"]) == 0
     after = _mtimes(tmp_path / "grid")
     assert all(after[p] > before[p] for p in before)
 
+    # a second process of the same forced grid (its cutoff: when it started) takes the new results as done
+    grid = load_grid_config(cfg)
+    assert all(run_cell(kind, c, redo_before=forced_at) for kind, c in plan(grid, Path(grid.out_dir)))
+    assert _mtimes(tmp_path / "grid") == after
+
 
 def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
-    from cqd.config import load_grid_config
-    from cqd.engine.grid import claim, plan, run_cell
-    from pathlib import Path
+    from cqd.engine.grid import claim
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
     kind, cfg = plan(grid, Path(grid.out_dir))[0]
@@ -96,10 +104,7 @@ def test_two_processes_share_one_grid(tmp_path, tiny_config):
 
 def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_once_it_is_gone(tmp_path, tiny_config):
     import threading
-    from pathlib import Path
-
-    from cqd.config import load_grid_config
-    from cqd.engine.grid import plan, run_grid
+    from cqd.engine.grid import run_grid
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
     _, cfg = plan(grid, Path(grid.out_dir))[-1]

@@ -104,19 +104,29 @@ def plan(grid: GridConfig, out: Path) -> list[tuple[str, RunConfig]]:
     return cells
 
 
-def run_cell(kind: str, cfg: RunConfig, force: bool = False) -> dict | None:
-    """Run one cell unless done or claimed by another process; returns its result (None if skipped)."""
+def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dict | None:
+    """Run one cell unless done or claimed by another process; returns its result (None if held elsewhere).
+
+    With `redo_before` (a time.time()), a result written before then is redone (`--force`); one
+    written since, e.g. by another process of the same forced grid, counts as done.
+    """
     from cqd.engine.evaluate import evaluate_saved
     from cqd.engine.trainer import train
 
     out = Path(cfg.out_dir)
     result = out / RESULT
-    if result.is_file() and not force:
+
+    def done() -> bool:
+        return result.is_file() and (redo_before is None or result.stat().st_mtime >= redo_before)
+
+    if done():
         return json.loads(result.read_text())
     with claim(out) as mine:
         if not mine:
             return None
-        if force:
+        if done():  # finished by another process between the check and the claim
+            return json.loads(result.read_text())
+        if redo_before is not None:
             for name in (RESULT, "last.ckpt", MODEL):
                 (out / name).unlink(missing_ok=True)
         if kind == "train":
@@ -152,7 +162,7 @@ def holder(cell: Path) -> str:
 
 def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
              poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> None:
-    """Run every cell not yet done (all of them once with `force`).
+    """Run every cell not yet done (with `force`, every cell whose result predates this call).
 
     A cell held by another process, or whose teacher another process is still training, is
     retried after the others; the call returns when every cell has a result. While only such
@@ -161,7 +171,7 @@ def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict
     out = Path(grid.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json(grid.model_dump(), out / "grid.json")
-    pending, forced, noted = plan(grid, out), set(), time.monotonic()
+    pending, noted, since = plan(grid, out), time.monotonic(), time.time() if force else None
     while pending:
         waiting = []
         for kind, cfg in pending:
@@ -169,8 +179,7 @@ def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict
             if teacher is not None and not Path(teacher).is_file():
                 waiting.append((kind, cfg))
                 continue
-            res = run_cell(kind, cfg, force=force and cfg.out_dir not in forced)
-            forced.add(cfg.out_dir)
+            res = run_cell(kind, cfg, redo_before=since)
             if res is None:
                 waiting.append((kind, cfg))
             elif on_cell:
