@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
     p.set_defaults(func=cmd_table)
 
-    p = sub.add_parser("demo", help="the quick Table 1 on the embedded Fashion-MNIST (about 10 minutes on 2 CPU cores)")
+    p = sub.add_parser("demo", help="the quick Table 1 on the embedded Fashion-MNIST (a few minutes on 2 CPU cores)")
     _common(p)
     p.set_defaults(config="configs/quick.yaml")
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
