@@ -1,8 +1,9 @@
-"""Teacher soft targets f(x), computed once per (teacher weights, data, view) and reused.
+"""Teacher soft targets f(x), computed once per (teacher weights, data, view, precision) and reused.
 
 The original code precomputed the teacher's outputs; this does the same whenever x is fixed
 (no fresh per-epoch draws on the teacher's view). The key hashes the teacher's weights, the
-dataset identity and the view, so a changed teacher, dataset or teacher-view degradation misses.
+dataset identity (with the run's precision: f(x) is computed under its autocast) and the view,
+so a changed teacher, dataset, precision or teacher-view degradation misses.
 """
 from __future__ import annotations
 
