@@ -121,3 +121,14 @@ def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_on
     lock.unlink()  # what the user does once the other host's process is gone
     worker.join(120)
     assert not worker.is_alive() and (Path(cfg.out_dir) / "result.json").is_file()
+
+
+def test_api_table_takes_a_file_or_a_loaded_grid(tmp_path, tiny_config):
+    from cqd import api
+
+    cfg = _grid(tmp_path, tiny_config)
+    first = api.table(cfg)
+    assert "| Method | lowres | clutter |" in first["markdown"] and Path(first["report_dir"], "table.md").is_file()
+    before = _mtimes(tmp_path / "grid")
+    again = api.table(load_grid_config(cfg))  # a loaded grid: the same folder, every cell already done
+    assert again["markdown"] == first["markdown"] and _mtimes(tmp_path / "grid") == before

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqd.config import RunConfig, apply_overrides, load_run_config, run_config
+from cqd.config import GridConfig, RunConfig, apply_overrides, load_grid_config, load_run_config, run_config
 
 
 def load_config(path: str | Path | None = None, *overrides: str) -> RunConfig:
@@ -33,16 +33,16 @@ def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | Non
     return evaluate_saved(model_path, _cfg(config, overrides))
 
 
-def table(config: str | Path, *overrides: str, force: bool = False, on_cell=None) -> dict:
+def table(config: str | Path | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
     """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
 
-    `on_cell(name, result)` is called as each cell finishes (the CLI prints progress with it).
+    `config` is a grid YAML file (with `overrides`) or a loaded GridConfig. `on_cell(name, result)` is
+    called as each cell finishes (the CLI prints progress with it).
     """
-    from cqd.config import load_grid_config
     from cqd.engine.grid import collect, run_grid
     from cqd.reports.table import write_report
 
-    grid = load_grid_config(config, list(overrides))
+    grid = config if isinstance(config, GridConfig) and not overrides else load_grid_config(config, list(overrides))
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"
     md, summary = write_report(collect(grid), list(grid.columns), grid.seeds, report_dir, grid.name)

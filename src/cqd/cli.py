@@ -68,7 +68,7 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
         print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: "
               f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%", flush=True)
 
-    out = table(config, *overrides, force=force, on_cell=on_cell)
+    out = table(grid, force=force, on_cell=on_cell)
     print("\n" + out["markdown"])
     print(f"report: {out['report_dir']}/table.md, table.png, table.json, runs.csv, runs.json ({time.perf_counter() - t0:.0f}s)")
     return 0
