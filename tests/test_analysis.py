@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from cqd.analysis.multires import ROWS, score, train_quality_predictor
+from cqd.analysis.multires import ROWS, score
 from cqd.analysis.saliency import input_gradient, tau
 from cqd.cli import main
 from cqd.config import RunConfig
 from cqd.data.fashion_mnist import DEBIAN_DIR, DOWNLOAD_DIR, FILES, FashionMNIST, _find
 from cqd.data.paired import Pair, PairMaker
-from cqd.engine.trainer import make_fabric
+from cqd.engine.model_files import load_model
+from cqd.engine.trainer import train
 from cqd.models import create_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -130,28 +131,24 @@ def test_router_sends_each_image_to_the_model_for_its_predicted_quality():
     assert acc["oracle"] == {"hi": 1.0, "lo": 1.0, "hi+lo": 1.0}
 
 
-def test_quality_predictor_learns_to_tell_heavy_blur_from_sharp_images():
-    g = torch.Generator().manual_seed(0)
-    ds = FashionMNIST(torch.randint(0, 256, (192, 16, 16), generator=g, dtype=torch.uint8), torch.zeros(192), 16)
-    maker = PairMaker("blur:sigma=3", mean=(0.5,), std=(0.3,))
-    maker.prepare(ds)
-    cfg = RunConfig(model="resnet8", train={"epochs": 2, "batch_size": 32, "lr": 0.05, "accelerator": "cpu", "progress": False})
-    fabric = make_fabric(cfg.train)
-    train = Subset(ds, list(range(128)))
-    model = train_quality_predictor(cfg, train, ds, maker, fabric, log=lambda s: None)
-    pair = maker(ds.__getitems__(list(range(128, 192))), "cpu")
-    with torch.no_grad():
-        assert (model(pair.x).argmax(1) == 0).float().mean() >= 0.95
-        assert (model(pair.z).argmax(1) == 1).float().mean() >= 0.95
-    again = train_quality_predictor(cfg, train, ds, maker, fabric, log=lambda s: None)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-
-
 def _have_fashion_mnist() -> bool:
     return any(all(_find(d, s) for stems in FILES.values() for s in stems) for d in (DEBIAN_DIR, DOWNLOAD_DIR))
 
 
 needs_data = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST files not installed (tests never download)")
+
+
+@needs_data
+def test_quality_predictor_trains_through_the_engine_and_tells_heavy_blur_from_sharp(tiny_config, tmp_path):
+    """Method `quality`: x -> 0, z -> 1; its acc_hq / acc_lq are the shares of x and z it labels right."""
+    cfg = tiny_config(method__name="quality", data__degradation="blur:sigma=3", data__image_size=16,
+                      data__train_subset=1024, train__epochs=2, train__max_steps_per_epoch=24)
+    res = train(cfg)
+    assert res["acc_hq"] >= 0.9 and res["acc_lq"] >= 0.9, res
+    model, ck = load_model(tmp_path / "run" / "model.pt", 2, 1)
+    assert ck["num_classes"] == 2  # a 2-way head, whatever the dataset's classes
+    again = train({**cfg, "out_dir": str(tmp_path / "again")})
+    assert again["history"] == [{**r, "images_per_s": a["images_per_s"]} for r, a in zip(res["history"], again["history"])]
 
 
 @pytest.fixture(scope="module")

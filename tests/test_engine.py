@@ -21,9 +21,12 @@ import torch
 from cqd.cli import main as cli_main
 from cqd.config import run_config
 from cqd.data.paired import PairMaker
-from cqd.engine import trainer
+from cqd.engine import precision, trainer
 from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.trainer import build_datasets, load_model, make_maker, train
+from cqd.engine.teachers import Teachers
+from cqd.engine.loaders import build_datasets, make_maker
+from cqd.engine.model_files import load_model
+from cqd.engine.trainer import train
 from cqd.errors import ConfigError
 from cqd.methods.base import Method
 from cqd.models import create_model
@@ -160,13 +163,13 @@ def test_cqd_compression_trains_teacher_then_student(tmp_path):
 
 def test_teacher_cache_hits_misses_and_skips(teacher, tmp_path, monkeypatch, capsys):
     calls = []
-    real = trainer.compute_logits
+    real = Teachers._pass
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "compute_logits", counting)
+    monkeypatch.setattr(Teachers, "_pass", counting)
     cache = tmp_path / "cache"
     short = {"method__name": "cqd", "teacher__checkpoint": teacher, "train__epochs": 1, "train__max_steps_per_epoch": 1}
 
@@ -222,7 +225,7 @@ def test_teacher_cache_hits_misses_and_skips(teacher, tmp_path, monkeypatch, cap
     res = train(make_cfg(tmp_path, "c6", data__hq_degradation="noise:std=0.05", data__fresh_each_epoch=True, **short))
     assert len(calls) == 4 and len(files()) == 4
     assert math.isfinite(res["history"][-1]["loss_kd"])
-    assert "teacher soft targets" not in capsys.readouterr().out
+    assert "teacher 0 logits" not in capsys.readouterr().out
 
     # fresh draws on z only: x is fixed, so the first table is reused
     train(make_cfg(tmp_path, "c7", data__fresh_each_epoch=True, **short))
@@ -364,10 +367,10 @@ def test_cli_train_then_eval(teacher, tmp_path, capsys):
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16-mixed"), (False, "32-true")])
 def test_auto_precision_on_cpu_follows_native_bf16(native_bf16, expected, monkeypatch):
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
     t = run_config({"train": {"accelerator": "cpu"}}).train
-    assert trainer.make_fabric(t)._precision.precision == expected
-    assert trainer.make_fabric(t.model_copy(update={"precision": "32-true"}))._precision.precision == "32-true"
+    assert precision.make_fabric(t)._precision.precision == expected
+    assert precision.make_fabric(t.model_copy(update={"precision": "32-true"}))._precision.precision == "32-true"
 
 
 def test_bf16_mixed_on_cpu_trains_and_keys_its_own_teacher_cache(root, teacher, tmp_path, capsys):

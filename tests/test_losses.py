@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cqd.data.paired import Pair
-from cqd.methods import METHODS
-from cqd.methods.cqd import CQD, distillation_loss, soft_cross_entropy
+from cqd.methods import METHODS, Step
+from cqd.methods.cqd import CQD, KDParams, distillation_loss, soft_cross_entropy
 
 S = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.5, 4.0, 1.0, 0.3]])
 TL = torch.tensor([[1.0, 0.0, -1.0, 2.5], [0.0, 0.0, 5.0, 1.0], [2.0, 2.0, -3.0, 0.7]])
@@ -28,11 +28,19 @@ def paper_ce_t(s: np.ndarray, t: np.ndarray, T: float) -> float:
     return float(np.mean(-(qT * np.log(pT)).sum(axis=1)))
 
 
+def teacher_entropy(t: np.ndarray, T: float) -> float:
+    """Mean over the batch of H(softmax(t / T)): the constant between CE_T and the KL cqd logs."""
+    q = _softmax(t.astype(np.float64) / T)
+    return float(np.mean(-(q * np.log(q)).sum(axis=1)))
+
+
 @pytest.mark.parametrize("T", [1.0, 2.0, 10.0])
 def test_soft_cross_entropy_is_the_papers_L2(T):
     want = paper_ce_t(S.numpy(), TL.numpy(), T)
     assert soft_cross_entropy(S, TL, T).item() == pytest.approx(want, abs=1e-6)
-    assert distillation_loss(S, TL, T).item() == pytest.approx(want, abs=1e-6)  # default scale="paper"
+    # default scale="paper": the logged term is CE_T less the teacher's entropy (a KL, 0 when g = f)
+    assert distillation_loss(S, TL, T).item() == pytest.approx(want - teacher_entropy(TL.numpy(), T), abs=1e-6)
+    assert distillation_loss(TL, TL, T).item() == pytest.approx(0.0, abs=1e-6)
     # hand value for one row, written out: T=2 row 0
     if T == 2.0:
         q = np.exp(TL[0].numpy() / 2) / np.exp(TL[0].numpy() / 2).sum()
@@ -71,7 +79,16 @@ def test_ce_t_gradcheck_float64():
     t = TL.double().clone().requires_grad_(True)
     assert soft_cross_entropy(s, t, 3.0).dtype == torch.float64
     assert torch.autograd.gradcheck(lambda a, b: soft_cross_entropy(a, b, 3.0), (s, t))
-    assert torch.autograd.gradcheck(lambda a, b: distillation_loss(a, b, 10.0, scale="hinton"), (s, t))
+    assert torch.autograd.gradcheck(lambda a: distillation_loss(a, t, 10.0, scale="hinton"), (s,))
+
+
+def test_logged_kl_has_the_gradient_of_ce_t():
+    """Logging the KL instead of CE_T changes the number, not the student's gradient (issue: a loss that never moves)."""
+    a = S.double().clone().requires_grad_(True)
+    b = S.double().clone().requires_grad_(True)
+    soft_cross_entropy(a, TL.double(), 10.0).backward()
+    distillation_loss(b, TL.double(), 10.0).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
 
 
 def test_ce_t_gradient_is_softmax_difference_over_T():
@@ -110,34 +127,35 @@ def _pair(seed: int = 1) -> Pair:
 @pytest.mark.parametrize("loss,scale", [("ce", "paper"), ("ce", "hinton"), ("mse", "paper")])
 def test_cqd_losses_are_ce_on_z_plus_lambda_times_distillation(loss, scale):
     student, pair = _Linear(), _pair()
-    method = CQD(student, T=5.0, lam=7.5, loss=loss, scale=scale)
-    logits, losses = method(pair, TL)
+    method = CQD(student, KDParams(T=5.0, lam=7.5, loss=loss, scale=scale))
+    logits, losses = method(Step(pair, [TL]))
     assert set(losses) == {"loss_ce", "loss_kd"}
     assert torch.equal(logits, student(pair.z))  # g sees the degraded view z
     assert torch.allclose(losses["loss_ce"], F.cross_entropy(student(pair.z), pair.y))
     kd = distillation_loss(student(pair.z), TL, 5.0, loss, scale)
     assert torch.allclose(losses["loss_kd"], 7.5 * kd)
     assert not torch.allclose(losses["loss_kd"], kd)
-    # the teacher's logits only enter through loss_kd, and no gradient flows into them
+    # no gradient flows into the teacher's logits, through either term (the method detaches them)
     t = TL.clone().requires_grad_(True)
-    _, losses = method(pair, t)
-    losses["loss_ce"].backward()
+    _, losses = method(Step(pair, [t]))
+    (losses["loss_ce"] + losses["loss_kd"]).backward()
     assert t.grad is None
+    assert student.fc.weight.grad is not None and student.fc.weight.grad.abs().sum() > 0
 
 
 def test_cqd_lambda_zero_is_training_on_B():
     student, pair = _Linear(), _pair()
-    _, cqd = CQD(student, lam=0.0)(pair, TL)
-    _, lq = METHODS.get("lq")(student)(pair)
+    _, cqd = CQD(student, KDParams(lam=0.0))(Step(pair, [TL]))
+    _, lq = METHODS.get("lq")(student)(Step(pair))
     assert cqd["loss_kd"].item() == 0.0
     assert torch.equal(cqd["loss_ce"], lq["loss_ce"])
 
 
 def test_baselines_see_the_right_views():
     student, pair = _Linear(), _pair()
-    _, hq = METHODS.get("hq")(student)(pair)
-    _, lq = METHODS.get("lq")(student)(pair)
-    _, ab = METHODS.get("augment")(student)(pair)
+    _, hq = METHODS.get("hq")(student)(Step(pair))
+    _, lq = METHODS.get("lq")(student)(Step(pair))
+    _, ab = METHODS.get("augment")(student)(Step(pair))
     assert torch.allclose(hq["loss_ce"], F.cross_entropy(student(pair.x), pair.y))
     assert torch.allclose(lq["loss_ce"], F.cross_entropy(student(pair.z), pair.y))
     both = F.cross_entropy(student(torch.cat([pair.x, pair.z])), torch.cat([pair.y, pair.y]))

@@ -89,7 +89,7 @@ def tensors(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("override, key, value", [
-    ("method.name=distill", "method.name", "Known: augment, cqd, hq, lq, staged"),
+    ("method.name=distill", "method.name", "Known: at, augment, cqd, fitnet, hq, lq, quality, staged"),
     ("model=resnet9", "model", "Did you mean 'resnet8'?"),
     ("teacher.model=vgg", "teacher.model", "vgg8"),
     ("model=hf:bert", "model", "'hf'"),
@@ -107,7 +107,9 @@ def test_unknown_names(override, key, value, capsys):
 
 @pytest.mark.parametrize("override, key, hint", [
     ("foo=1", "foo", "the top level takes: name, seed"),
-    ("method.lamb=1", "method.lamb", "did you mean 'lam'?"),
+    ("method.cqd.lamb=1", "method.cqd.lamb", "did you mean 'lam'? (method.cqd takes: T, lam, loss, scale)"),
+    ("method.fitnet.bta=1", "method.fitnet.bta", "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, hint, guided)"),
+    ("method.fitnet_beta=1", "method.fitnet_beta", "method takes: name, init, at, augment, cqd, fitnet, hq, lq, quality, staged"),
     ("train.epoch=3", "train.epoch", "did you mean 'epochs'?"),
     ("data={sise: 3}", "data.sise", "data takes: name, root, image_size"),
 ])
@@ -118,23 +120,39 @@ def test_unknown_keys(override, key, hint, capsys):
 
 
 def test_unknown_nested_key_in_file(tmp_path, capsys):
-    path = write_yaml(tmp_path / "run.yaml", {"method": {"name": "cqd", "lamb": 200}, "train": {"epochs": 1}})
+    path = write_yaml(tmp_path / "run.yaml", {"method": {"name": "cqd", "cqd": {"lamb": 200}}, "train": {"epochs": 1}})
     msg = config_error(path=path)
-    assert str(path) in msg and "method.lamb: unknown key; did you mean 'lam'?" in msg and "override" not in msg
-    one_error(*cli(capsys, "train", "--config", path), path, "method.lamb")
+    assert str(path) in msg and "method.cqd.lamb: unknown key; did you mean 'lam'?" in msg and "override" not in msg
+    one_error(*cli(capsys, "train", "--config", path), path, "method.cqd.lamb")
+
+
+@pytest.mark.parametrize("how", ["override", "file"])
+def test_an_old_flat_method_key_says_where_it_moved(how, tmp_path, capsys):
+    """Before each method had its own section, CQD's keys were flat under `method:`."""
+    if how == "override":
+        msg = config_error("method.lam=200")
+        args = ["train", "method.lam=200"]
+    else:
+        path = write_yaml(tmp_path / "old.yaml", {"method": {"name": "cqd", "T": 10, "lam": 200}})
+        msg = config_error(path=path)
+        args = ["train", "--config", path]
+    assert "method.lam moved to method.cqd.lam" in msg or "method.T moved to method.cqd.T" in msg
+    assert "method: {name: cqd, cqd:" in msg
+    one_error(*cli(capsys, *args), "moved to method.cqd.")
 
 
 @pytest.mark.parametrize("override, key, what", [
-    ("method.lam=-1", "method.lam", "greater than or equal to 0"),
-    ("method.T=-1", "method.T", "greater than 0"),
-    ("method.T=0", "method.T", "greater than 0"),
+    ("method.cqd.lam=-1", "method.cqd.lam", "greater than or equal to 0"),
+    ("method.cqd.T=-1", "method.cqd.T", "greater than 0"),
+    ("method.cqd.T=0", "method.cqd.T", "greater than 0"),
+    ("method.at.p=0", "method.at.p", "greater than 0"),
     ("train.lr=0", "train.lr", "greater than 0"),
     ("train.epochs=abc", "train.epochs", "valid integer"),
     ("train.batch_size=1.5", "train.batch_size", "fractional part"),
     ("train.momentum=1", "train.momentum", "less than 1"),
     ("data.image_size=3", "data.image_size", "greater than or equal to 8"),
     ("data.on_corrupt=ignore", "data.on_corrupt", "'error' or 'skip'"),
-    ("method.loss=l1", "method.loss", "'ce' or 'mse'"),
+    ("method.cqd.loss=l1", "method.cqd.loss", "'ce' or 'mse'"),
     ("data=[1, 2]", "data", "must be a section"),
     ("seed=1e999", "seed", "valid integer"),
 ])
@@ -145,8 +163,8 @@ def test_wrong_types_and_out_of_range(override, key, what, capsys):
 
 
 def test_all_errors_of_a_config_in_one_message():
-    msg = config_error("method.lam=-1", "train.epochs=0", "foo=1")
-    assert all(k in msg for k in ("method.lam", "train.epochs", "foo: unknown key"))
+    msg = config_error("method.cqd.lam=-1", "train.epochs=0", "foo=1")
+    assert all(k in msg for k in ("method.cqd.lam", "train.epochs", "foo: unknown key"))
 
 
 @pytest.mark.parametrize("spec, size", [("lowres:size=64", 32), ("clutter:canvas=16", 32),
@@ -471,12 +489,12 @@ def _fail_at(monkeypatch, call: int, make):
     replaces the losses, or raises before the forward runs (so BatchNorm statistics are untouched)."""
     real, n = TrainOnB.forward, [0]
 
-    def forward(self, pair, teacher_logits=None):
+    def forward(self, step):
         n[0] += 1
         if n[0] != call:
-            return real(self, pair, teacher_logits)
+            return real(self, step)
         make(None)
-        logits, losses = real(self, pair, teacher_logits)
+        logits, losses = real(self, step)
         return logits, make(losses)
 
     monkeypatch.setattr(TrainOnB, "forward", forward)
@@ -576,10 +594,10 @@ def test_crafted_pickle_via_cli_and_config(crafted, finished, tmp_path, capsys):
 def test_yaml_tags_that_would_run_code(tag, tmp_path, capsys):
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.yaml"
-    path.write_text(f"name: x\nmethod:\n  lam: {tag.format(m=marker)}\n")
+    path.write_text(f"name: x\nmethod:\n  cqd:\n    lam: {tag.format(m=marker)}\n")
     with pytest.raises(ConfigError) as e:
         load_run_config(path)
-    assert str(path) in str(e.value) and "is not allowed" in str(e.value) and "line 3" in str(e.value)
+    assert str(path) in str(e.value) and "is not allowed" in str(e.value) and "line 4" in str(e.value)
     one_error(*cli(capsys, "train", "--config", path), path, "nothing was run")
-    one_error(*cli(capsys, "train", f"method.lam={tag.format(m=marker)}"), "method.lam")
+    one_error(*cli(capsys, "train", f"method.cqd.lam={tag.format(m=marker)}"), "method.cqd.lam")
     assert not marker.exists()

@@ -45,7 +45,7 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
     assert "| Method | lowres | clutter |" in md
     table = json.loads((report / "table.json").read_text())["table"]
     assert set(table) == {"lowres", "clutter"}
-    assert all(table[c]["CQD -> B"]["n"] == 1 for c in table)
+    assert all(table[c]["CQD -> B cqd (proposed)"]["n"] == 1 for c in table)
     # one teacher shared by both columns, 4 trained rows and 1 eval cell per column
     assert len(_mtimes(tmp_path / "grid")) == 1 + 2 * 5
     runs = json.loads((report / "runs.json").read_text())
@@ -65,7 +65,7 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
 
     # a second process of the same forced grid (its cutoff: when it started) takes the new results as done
     grid = load_grid_config(cfg)
-    assert all(run_cell(kind, c, redo_before=forced_at) for kind, c in plan(grid, Path(grid.out_dir)))
+    assert all(run_cell(c.kind, c.cfg, redo_before=forced_at) for c in plan(grid, Path(grid.out_dir)))
     assert _mtimes(tmp_path / "grid") == after
 
 
@@ -73,7 +73,8 @@ def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
     from cqd.engine.grid import claim
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
-    kind, cfg = plan(grid, Path(grid.out_dir))[0]
+    first = plan(grid, Path(grid.out_dir))[0]
+    kind, cfg = first.kind, first.cfg
     with claim(Path(cfg.out_dir)) as mine:
         assert mine
         with claim(Path(cfg.out_dir)) as again:
@@ -99,7 +100,7 @@ def test_two_processes_share_one_grid(tmp_path, tiny_config):
     names = [line.split(" epoch 1/1: ")[0] for out in outs for line in out.splitlines() if " epoch 1/1: " in line]
     assert len(names) == len(set(names)) == 1 + 2 * 4, names  # teacher + 4 trained rows per column, none twice
     table = json.loads((tmp_path / "grid" / "report" / "table.json").read_text())["table"]
-    assert all(table[c][row]["n"] == 1 for c in table for row in table[c] if row != "gap closed")
+    assert all(table[c][row]["n"] == 1 for c in table for row in table[c] if not row.startswith("gap closed"))
 
 
 def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_once_it_is_gone(tmp_path, tiny_config):
@@ -107,7 +108,7 @@ def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_on
     from cqd.engine.grid import run_grid
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
-    _, cfg = plan(grid, Path(grid.out_dir))[-1]
+    cfg = plan(grid, Path(grid.out_dir))[-1].cfg
     lock = Path(cfg.out_dir) / ".lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"host": "another-host", "pid": 1234}))
@@ -132,3 +133,69 @@ def test_api_table_takes_a_file_or_a_loaded_grid(tmp_path, tiny_config):
     before = _mtimes(tmp_path / "grid")
     again = api.table(load_grid_config(cfg))  # a loaded grid: the same folder, every cell already done
     assert again["markdown"] == first["markdown"] and _mtimes(tmp_path / "grid") == before
+
+
+def test_rows_are_named_variants_two_of_one_method_train_apart_and_both_are_in_the_table(tmp_path, tiny_config):
+    """Rows are named override sets: two CQD rows with different lambda are two cells each, listed in the
+    grid's order with their labels; a staged row and a `method.init: teacher` row use the column's shared f."""
+    from cqd import api
+
+    base = tiny_config()
+    base.pop("out_dir")
+    base["train"].update(epochs=1, max_steps_per_epoch=2)
+    grid = {"name": "variants", "out_dir": str(tmp_path / "grid"), "seeds": [0],
+            "rows": ["lq", {"id": "cqd_l1", "label": "CQD, lambda 1", "set": {"method.name": "cqd", "method.cqd.lam": 1}},
+                     {"id": "cqd_l50", "set": {"method.name": "cqd", "method.cqd.lam": 50}},
+                     {"id": "lq_init_f", "label": "B from f", "set": {"method.name": "lq", "method.init": "teacher"}}],
+            "columns": {"lowres": {"degradation": "lowres:size=8"}}, "base": base}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    g = load_grid_config(str(path))
+    cells = plan(g, Path(g.out_dir))
+    teacher = tmp_path / "grid" / "teachers" / "full-none" / "s0" / "model.pt"
+    assert [c.kind for c in cells] == ["train"] * 5 and cells[1].cfg.teacher.checkpoint is None  # lq needs no f
+    assert [c.cfg.teacher.checkpoint for c in cells[2:]] == [str(teacher)] * 3  # one shared f, init: teacher too
+    assert [c.cfg.method.cqd.lam for c in cells[2:4]] == [1, 50]
+    md = api.table(str(path))["markdown"]
+    lines = [ln.split(" |")[0].lstrip("| ") for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert lines == ["B -> B fine-tuning", "CQD, lambda 1", "CQD -> B cqd (proposed)", "B from f"]
+    lams = {json.loads((Path(c.cfg.out_dir) / "result.json").read_text())["config"]["method"]["cqd"]["lam"] for c in cells[2:4]}
+    assert lams == {1, 50}
+    assert len(list((tmp_path / "grid" / "teachers").rglob("model.pt"))) == 1  # f trained once
+
+
+def test_a_row_that_changes_the_teacher_gets_its_own_shared_teacher(tmp_path, tiny_config):
+    base = tiny_config()
+    base.pop("out_dir")
+    grid = load_grid_config_dict(tmp_path, {"name": "t", "out_dir": str(tmp_path / "grid"), "seeds": [0, 1],
+                                            "rows": ["cqd", {"id": "cqd_big_f", "set": {"method.name": "cqd", "teacher.model": "resnet14"}},
+                                                     {"id": "cqd_lr", "set": {"method.name": "cqd", "train.lr": 0.01}}],
+                                            "columns": {"a": {"degradation": "lowres:size=8"}, "b": {"degradation": "blur"}},
+                                            "base": base})
+    cells = plan(grid, Path(grid.out_dir))
+    teachers = [c.cfg for c in cells if c.column is None]
+    folders = sorted(str(Path(t.out_dir).relative_to(tmp_path / "grid")) for t in teachers)
+    assert len(folders) == 4 and {"teachers/full-none/s0", "teachers/full-none/s1"} <= set(folders)
+    other = [f for f in folders if f.startswith("teachers/full-none-")]  # resnet14: a digest of its settings
+    assert len(other) == 2 and len({f.rsplit("/", 1)[0] for f in other}) == 1
+    assert {t.model for t in teachers} == {"resnet8", "resnet14"}
+    lr_row = [c for c in cells if c.row == "cqd_lr"]
+    assert all(c.cfg.teacher.checkpoint.endswith(f"teachers/full-none/s{c.cfg.seed}/model.pt") for c in lr_row)  # a student-lr row shares f
+
+
+def load_grid_config_dict(tmp_path, grid: dict):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return load_grid_config(str(path))
+
+
+def test_a_bad_row_is_named_when_the_grid_is_loaded(tmp_path, tiny_config):
+    import pytest
+
+    from cqd.errors import ConfigError
+
+    base = tiny_config()
+    with pytest.raises(ConfigError) as e:
+        load_grid_config_dict(tmp_path, {"columns": {"a": {"degradation": "blur"}}, "base": base,
+                                         "rows": ["lq", {"id": "x", "set": {"method.name": "cqd", "method.cqd.lamb": 3}}]})
+    assert "row 'x' in column 'a'" in str(e.value) and "method.cqd.lamb: unknown key; did you mean 'lam'?" in str(e.value)

@@ -45,5 +45,5 @@ def table(config: str | Path | GridConfig, *overrides: str, force: bool = False,
     grid = config if isinstance(config, GridConfig) and not overrides else load_grid_config(config, list(overrides))
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"
-    md, summary = write_report(collect(grid), list(grid.columns), grid.seeds, report_dir, grid.name)
+    md, summary = write_report(collect(grid), grid, report_dir)
     return {"markdown": md, "table": summary, "report_dir": str(report_dir)}

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from cqd.errors import ConfigError, CQDError
+from cqd.methods import METHODS
+from cqd.schema import Strict as _Strict
 
 
 PRESETS = Path(__file__).parent / "configs"  # shipped configs; configs/ in the repo links here
@@ -45,10 +47,6 @@ def _known_model(name: str) -> str:
     except CQDError as e:
         raise ValueError(f"{e} Torchvision and timm models are named 'tv:NAME' and 'timm:NAME'.") from None
     return name
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Strict):
@@ -91,39 +89,112 @@ class DataConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
+    """One frozen teacher f. Unset fields follow the run: its model, seed, x view and x degradation."""
+
     model: str | None = Field(None, description="f's architecture; default: the student's")
     checkpoint: str | None = Field(None, description="model.pt of a finished 'hq' run; trained first if unset")
     pretrained: bool | str = False
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed f is trained with when it is trained here; default: the run's")
+    view: Literal["full", "crop"] | None = Field(None, description="f's input view; default: data.hq_view")
+    degradation: str | None = Field(None, description="degradation of f's input (e.g. a teacher of blurred images); default: data.hq_degradation")
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | None) -> str | None:
         return v if v is None else _known_model(v)
 
+    @field_validator("degradation")
+    @classmethod
+    def _spec(cls, v: str | None) -> str | None:
+        if v is not None:
+            from cqd.degradations import parse_degradation
 
-class MethodConfig(_Strict):
+            try:
+                parse_degradation(v)
+            except CQDError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+# The keys that were flat under `method:` before each method got its own section (all were CQD's).
+MOVED_METHOD_KEYS = {"T": "cqd", "lam": "cqd", "loss": "cqd", "scale": "cqd"}
+_COMMON_METHOD_KEYS = ("name", "init")
+
+
+class _MethodBase(_Strict):
+    """`method.name` and `method.init` are common; each method's own keys live in a section named after
+    it (`method: {name: cqd, cqd: {T: 10, lam: 50}, fitnet: {beta: 100}}`), so one base config can hold
+    settings for several methods and only the chosen one's section is used."""
+
     name: str = "cqd"
-    T: float = Field(10.0, gt=0, description="temperature")
-    lam: float = Field(50.0, ge=0, description="lambda, weight of the distillation term")
-    loss: Literal["ce", "mse"] = "ce"
-    scale: Literal["paper", "hinton"] = Field("paper", description="paper: lambda*CE_T; hinton: lambda*T^2*CE_T")
-    init: Literal["auto", "teacher", "scratch"] = "auto"
+    init: Literal["auto", "teacher", "scratch"] = Field(
+        "auto", description="auto: g starts from f when the method asks for it and the architectures match")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, section in MOVED_METHOD_KEYS.items():
+                if key in data:
+                    raise ValueError(f"method.{key} moved to method.{section}.{key}: each method's own keys now live "
+                                     f"in a section named after it, e.g. method: {{name: {section}, {section}: "
+                                     f"{{{key}: {data[key]!r}}}}} or the override method.{section}.{key}={data[key]}")
+        return data
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from cqd.methods import METHODS
-
         return _registered(METHODS, v)
+
+    @property
+    def params(self) -> BaseModel:
+        """The chosen method's own section (its defaults for a method registered after cqd.config was
+        imported, e.g. in a notebook or a test: the schema has no section for it)."""
+        return getattr(self, self.name, None) or METHODS.get(self.name).Params()
+
+
+def _method_config() -> type[_MethodBase]:
+    """MethodConfig: the common keys plus one section per registered method, from its `Params` schema."""
+    sections = {}
+    for name in METHODS.names():
+        if name in _COMMON_METHOD_KEYS or hasattr(BaseModel, name):
+            raise ValueError(f"method name {name!r} clashes with a config key; register it under another name")
+        params = METHODS.get(name).Params
+        sections[name] = (params, Field(default_factory=params, description=f"settings of method {name}"))
+    return create_model("MethodConfig", __base__=_MethodBase, __doc__=_MethodBase.__doc__, **sections)
+
+
+MethodConfig = _method_config()
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+class PhaseConfig(_Strict):
+    """Optimizer settings of one named phase of a method (e.g. `adversary`); unset keys come from the
+    method's defaults for that phase, then from `train:`."""
+
+    optimizer: Literal[OPTIMIZERS] | None = None
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    schedule: Literal[SCHEDULES] | None = None
+    lr_final_ratio: float | None = Field(None, gt=0, le=1)
 
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
+    optimizer: Literal[OPTIMIZERS] = Field("sgd", description="the main phase's optimizer (the paper: SGD with momentum)")
     lr: float = Field(0.05, gt=0)
-    lr_final_ratio: float = Field(0.1, gt=0, le=1, description="lr decays linearly to lr * this (paper: 0.1)")
-    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal[SCHEDULES] = Field("linear", description="linear (the paper): lr decays linearly to lr * lr_final_ratio")
+    lr_final_ratio: float = Field(0.1, gt=0, le=1, description="lr decays to lr * this (paper: 0.1)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas")
     weight_decay: float = Field(5e-4, ge=0)
+    phases: dict[str, PhaseConfig] = Field({}, description="per-phase optimizer settings of multi-phase methods, by phase name")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
         "auto", description="auto: bf16-mixed on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else 32-true")
     channels_last: bool = True
@@ -133,6 +204,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only at the end)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     cache_teacher: bool = Field(True, description="compute f(x) once when x is fixed; false: f runs every step")
+    feature_cache_mb: int = Field(1024, ge=0, description="teachers' feature maps are computed once and kept on the device when x is fixed and they fit in this many MB")
     progress: bool = True
 
 
@@ -144,7 +216,8 @@ class RunConfig(_Strict):
     model: str = "resnet8"
     pretrained: bool | str = False
     data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    teacher: TeacherConfig = Field(TeacherConfig(), description="the one teacher f (a one-item `teachers` list)")
+    teachers: list[TeacherConfig] = Field([], description="several teachers; use this or `teacher`, not both")
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
 
@@ -153,15 +226,35 @@ class RunConfig(_Strict):
     def _model(cls, v: str) -> str:
         return _known_model(v)
 
+    @model_validator(mode="after")
+    def _one_teacher_key(self) -> "RunConfig":
+        if self.teachers and self.teacher != TeacherConfig():
+            raise ValueError("give the teachers either as `teacher:` (one) or as `teachers:` (a list), not both")
+        return self
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The teachers, in order: `teachers`, or the single `teacher` section."""
+        return list(self.teachers) or [self.teacher]
+
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$"  # ids name folders: no slashes or spaces
+
 
 class ColumnConfig(_Strict):
-    degradation: str
+    """A column: the degradation and views (as today), and optionally more overrides (`set`) and a label."""
+
+    degradation: str | None = Field(None, description="sets data.degradation")
     hq_view: Literal["full", "crop"] = "full"
     lq_view: Literal["full", "crop"] = "full"
+    label: str | None = None
+    set: dict[str, Any] = Field({}, description="more overrides, `key: value` as on the command line")
 
     @field_validator("degradation")
     @classmethod
-    def _spec(cls, v: str) -> str:
+    def _spec(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         from cqd.degradations import parse_degradation
 
         try:
@@ -170,37 +263,69 @@ class ColumnConfig(_Strict):
             raise ValueError(str(e)) from None
         return v
 
+    def overrides(self) -> dict[str, Any]:
+        base = {"data.hq_view": self.hq_view, "data.lq_view": self.lq_view}
+        if self.degradation is not None:
+            base["data.degradation"] = self.degradation
+        return {**base, **self.set}
+
+
+class RowConfig(_Strict):
+    """A row: a named set of overrides, e.g. {id: feed3, label: "FEED (3 teachers)", set: {method.name: feed}}.
+    A plain string `cqd` in `rows:` means {id: cqd, set: {method.name: cqd}}."""
+
+    id: str = Field(pattern=_ID)
+    label: str | None = Field(None, description="the row's name in table.md; default: the method's label")
+    set: dict[str, Any] = {}
+
+
+def _row(item: Any) -> Any:
+    return {"id": item, "set": {"method.name": item}} if isinstance(item, str) else item
+
+
+def _dotted(overrides: dict[str, Any]) -> list[str]:
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
 
 class GridConfig(_Strict):
-    """A table: rows (methods) x columns (degradations/views) x seeds, sharing one base run."""
+    """A table: rows (named override sets, usually methods) x columns (degradations/views) x seeds,
+    sharing one base run. A cell is (column id, row id, seed)."""
 
     name: str = "table"
     out_dir: str = "runs/table"
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1)
-    rows: list[str] = ["hq", "lq", "augment", "staged", "cqd"]
-    columns: dict[str, ColumnConfig]
+    rows: list[RowConfig] = [RowConfig(id=m, set={"method.name": m}) for m in ("hq", "lq", "augment", "staged", "cqd")]
+    columns: dict[Annotated[str, Field(pattern=_ID)], ColumnConfig]
     base: RunConfig = RunConfig()
 
-    @field_validator("rows")
+    @field_validator("rows", mode="before")
     @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        from cqd.methods import METHODS
+    def _plain_rows(cls, v: Any) -> Any:
+        return [_row(item) for item in v] if isinstance(v, list) else v
 
-        for name in v:
-            _registered(METHODS, name)
-        return v
+    def cell(self, column: str, row: RowConfig | str, seed: int) -> RunConfig:
+        """The run config of one cell: base, then the column's overrides, then the row's, then the seed."""
+        row = row if isinstance(row, RowConfig) else next(r for r in self.rows if r.id == row)
+        overrides = _dotted({**self.columns[column].overrides(), **row.set}) + [f"seed={seed}"]
+        data = apply_overrides(self.base.model_dump(exclude_unset=False), overrides)
+        return RunConfig.model_validate(data)
 
     @model_validator(mode="after")
-    def _columns_fit(self) -> "GridConfig":
-        """Each column's degradation must fit base.data.image_size (checked now, not mid-table)."""
-        from cqd.degradations import parse_degradation
-
-        size = self.base.data.image_size
-        for name, col in self.columns.items():
-            try:
-                parse_degradation(col.degradation).check(3, size)
-            except CQDError as e:
-                raise ValueError(f"columns.{name}.degradation does not fit base.data.image_size={size}: {e}") from None
+    def _cells_valid(self) -> "GridConfig":
+        """Every row x column makes a valid run config (checked now, not mid-table); ids are unique."""
+        ids = [r.id for r in self.rows]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"row ids must be unique; given twice: {', '.join(twice)}")
+        for column in self.columns:
+            for row in self.rows:
+                try:
+                    self.cell(column, row, self.seeds[0])
+                except (ValidationError, ConfigError) as e:
+                    detail = _format(e, "", RunConfig).split(":\n", 1)[-1] if isinstance(e, ValidationError) else str(e)
+                    raise ValueError(f"row {row.id!r} in column {column!r} does not make a valid run:\n{detail}") from None
         return self
 
 
@@ -262,7 +387,7 @@ def _format(err: ValidationError, source: str, model: type[BaseModel] = None, ov
         else:
             msg = re.sub(r"^(Value|Assertion) error, ", "", e["msg"])
             got = e.get("input")
-            if not (isinstance(got, str) and got and got in msg):
+            if not (isinstance(got, str) and got and got in msg) and " moved to " not in msg:
                 msg += f" (got {_short(got)})"
         label = f"{key}: " if loc else ""  # a whole-config check names its keys itself
         lines.append(f"  {label}{msg}{_origin(key, list(overrides)) if loc else ''}")

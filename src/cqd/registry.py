@@ -9,6 +9,17 @@ from cqd.errors import CQDError
 T = TypeVar("T")
 
 
+def import_modules(package: str, path, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of a package (each registers its entries on import), so that a new
+    degradation, dataset, model or method is one file and nothing else is edited."""
+    import importlib
+    import pkgutil
+
+    for name in sorted(m.name for m in pkgutil.iter_modules(path)):
+        if name not in skip:
+            importlib.import_module(f"{package}.{name}")
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind

@@ -1,28 +1,28 @@
 """The poster's multi-resolution model: a quality predictor routes each test image to the right model.
 
 A small classifier (same model factory, 2 classes: 0 = high quality x, 1 = low quality z = T(x)) is
-trained on the paired data. A test image predicted high quality goes to f (trained on x, method hq,
+trained on the paired data through the engine (method `quality`). A test image predicted high quality goes to f (trained on x, method hq,
 also CQD's teacher); one predicted low quality goes to the CQD model g. The table compares f alone,
 g alone, one A+B model, this router and the oracle router (true quality) on the high-quality test
 views x, the low-quality views z and their union.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cqd.config import RunConfig
-from cqd.data.paired import Pair, PairMaker
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint, save_json, save_text
-from cqd.engine.trainer import (MODEL, EpochSampler, build_datasets, build_model, load_model, make_fabric,
-                                make_loader, make_maker, train)
+from cqd.data.paired import Pair
+from cqd.engine.checkpoint import load_checkpoint, save_json, save_text, weight_settings
+from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+from cqd.engine.model_files import MODEL, load_model
+from cqd.engine.precision import make_fabric
+from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.engine.trainer import train
 from cqd.errors import CheckpointError
-from cqd.methods import METHODS
 
 ROWS = {
     "hq": "Train on high quality (A): f",
@@ -37,28 +37,21 @@ _NEUTRAL = {"name", "out_dir", "cache_dir", "data.num_workers", "train.progress"
             "train.accelerator", "train.devices", "train.strategy", "train.cache_teacher"}
 
 
-def derive(cfg: RunConfig, sub: str, method: str | None = None) -> RunConfig:
-    """The run an analysis keeps under `<cfg.out_dir>/<sub>`; hq uses f's model, as the engine's teacher does."""
-    d = cfg.model_copy(deep=True)
-    d.name, d.out_dir = f"{cfg.name}-{sub}", str(Path(cfg.out_dir) / sub)
-    if method:
-        d.method.name = method
+def derive(cfg: RunConfig, sub: str, method: str) -> RunConfig:
+    """The run an analysis keeps under `<cfg.out_dir>/<sub>`; hq is f's run, as the engine derives it."""
     if method == "hq":
-        d.model, d.pretrained = cfg.teacher.model or cfg.model, cfg.teacher.pretrained
+        d = teacher_run_config(cfg)
+    else:
+        d = cfg.model_copy(deep=True)
+        d.method.name = method
+    d.name, d.out_dir = f"{cfg.name}-{sub}", str(Path(cfg.out_dir) / sub)
     return d
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _settings(dump: dict, uses_teacher: bool) -> dict:
     """What decides a run's weights; the method and teacher sections count only when f is used."""
-    return {k: v for k, v in _flat(dump).items()
-            if k not in _NEUTRAL and (uses_teacher or not k.startswith(("method.", "teacher.")))}
+    return {k: v for k, v in weight_settings(dump).items()
+            if k not in _NEUTRAL and (uses_teacher or not k.startswith(("method.", "teacher"))) or k == "method.name"}
 
 
 def _check_same(path: Path, wanted: RunConfig, uses_teacher: bool) -> None:
@@ -72,9 +65,8 @@ def _check_same(path: Path, wanted: RunConfig, uses_teacher: bool) -> None:
 def trained(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     """`<cfg.out_dir>/model.pt`: reused if a finished run with the same settings is there, else trained now."""
     path = Path(cfg.out_dir) / MODEL
-    method = METHODS.get(cfg.method.name)
     if path.is_file():
-        _check_same(path, cfg, method.uses_teacher or method.init_from_teacher == "always" or cfg.method.init == "teacher")
+        _check_same(path, cfg, needs_teacher(cfg))
         log(f"reusing {path}")
     else:
         log(f"training {cfg.method.name} into {cfg.out_dir}")
@@ -91,39 +83,6 @@ def trained_f_and_g(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple
     if g.is_file() and f.stat().st_mtime > g.stat().st_mtime:
         raise CheckpointError(f"{g} was distilled from an older {f}; delete {g.parent} to distill it again from this f")
     return f, trained(gcfg, log)
-
-
-def quality_loss(model: nn.Module, pair: Pair) -> Tensor:
-    """Cross-entropy of the quality predictor on cat([x, z]) against cat([0, 1])."""
-    logits = model(torch.cat([pair.x, pair.z]))
-    labels = torch.arange(2, device=logits.device).repeat_interleave(len(pair))
-    return F.cross_entropy(logits.float(), labels)
-
-
-def train_quality_predictor(cfg: RunConfig, train_ds, base, maker: PairMaker, fabric,
-                            log: Callable[[str], None] = print) -> nn.Module:
-    """A 2-class `cfg.model` trained with SGD on paired batches (train.epochs, batch_size, lr, momentum,
-    weight_decay, max_steps_per_epoch), seeded by `cfg.seed`, so a rerun gives the same weights."""
-    t = cfg.train
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, 2, base.in_chans, cfg.pretrained, t.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    sampler = EpochSampler(len(train_ds), cfg.seed)
-    loader = make_loader(train_ds, base, t.batch_size, sampler, cfg.data.num_workers, drop_last=len(train_ds) > t.batch_size)
-    steps = min(len(loader), t.max_steps_per_epoch or len(loader))
-    wrapped, opt = fabric.setup(model, opt)
-    wrapped.train()
-    for epoch in range(t.epochs):
-        sampler.set_epoch(epoch)
-        total = 0.0
-        for _, batch in zip(range(steps), loader):
-            loss = quality_loss(wrapped, maker(batch, fabric.device, epoch))
-            opt.zero_grad(set_to_none=True)
-            fabric.backward(loss)
-            opt.step()
-            total += loss.item()
-        log(f"quality predictor epoch {epoch + 1}/{t.epochs}: loss={total / steps:.4g}")
-    return model.eval()
 
 
 def route(is_low: Tensor, pred_hq: Tensor, pred_lq: Tensor) -> Tensor:
@@ -166,29 +125,15 @@ def multires(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     paths = dict(zip(("hq", "cqd"), trained_f_and_g(cfg, log)))
     paths["augment"] = trained(derive(cfg, "augment", "augment"), log)
 
-    fabric = make_fabric(cfg.train, devices=1)
-    train_ds, test_ds, base_train, base_test = build_datasets(cfg)
-    rcfg = derive(cfg, "router")
-    paths["router"] = Path(rcfg.out_dir) / MODEL
-    if paths["router"].is_file():
-        _check_same(paths["router"], rcfg, False)
-        log(f"reusing {paths['router']}")
-    else:
-        log(f"training the quality predictor (0 = x, 1 = z) into {rcfg.out_dir}")
-        t0 = time.perf_counter()
-        router = train_quality_predictor(rcfg, train_ds, base_train, make_maker(rcfg, base_train), fabric, log)
-        save_checkpoint({"model_name": rcfg.model, "num_classes": 2, "in_chans": base_train.in_chans,
-                         "model": router.state_dict(), "config": rcfg.model_dump()}, paths["router"])
-        save_json({"name": rcfg.name, "task": "quality: 0 = high quality x, 1 = low quality z",
-                   "wall_s": time.perf_counter() - t0, "config": rcfg.model_dump()}, Path(rcfg.out_dir) / "result.json")
+    paths["router"] = trained(derive(cfg, "router", "quality"), log)  # the quality predictor (method quality)
 
+    fabric = make_fabric(cfg.train, devices=1)
+    _, test_ds, _, base_test = build_datasets(cfg)
     classes, chans = base_test.num_classes, base_test.in_chans
     models = {k: load_model(p, 2 if k == "router" else classes, chans)[0].to(fabric.device) for k, p in paths.items()}
     maker = make_maker(cfg, base_test)
-    loader = make_loader(test_ds, base_test, cfg.train.batch_size * 2, EpochSampler(len(test_ds), 0, shuffle=False),
-                         cfg.data.num_workers, False)
     with fabric.autocast():
-        acc = score(models, (maker(b, fabric.device) for b in loader))
+        acc = score(models, (maker(b, fabric.device) for b in eval_loader(cfg, test_ds, base_test)))
     table = format_table(acc)
     result = {"degradation": cfg.data.degradation, "n_test": len(test_ds), "columns": COLUMNS,
               "rows": {r: {"label": label, **acc[r]} for r, label in ROWS.items()},

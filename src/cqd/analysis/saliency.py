@@ -24,7 +24,9 @@ from torch import Tensor, nn  # noqa: E402
 from cqd.analysis.multires import derive, trained, trained_f_and_g  # noqa: E402
 from cqd.config import RunConfig  # noqa: E402
 from cqd.engine.checkpoint import _atomic, save_json  # noqa: E402
-from cqd.engine.trainer import EpochSampler, build_datasets, load_model, make_fabric, make_loader, make_maker  # noqa: E402
+from cqd.engine.loaders import build_datasets, eval_loader, make_maker  # noqa: E402
+from cqd.engine.model_files import load_model  # noqa: E402
+from cqd.engine.precision import make_fabric  # noqa: E402
 from cqd.errors import CQDError  # noqa: E402
 from cqd.reports.figures import _show  # noqa: E402
 
@@ -129,8 +131,7 @@ def explain(cfg: RunConfig, n: int = 1000, show: int = 8, log: Callable[[str], N
         log(f"the test set has {len(test_ds)} images (data.test_subset): using all of them, not {n}")
         n = len(test_ds)
     maker = make_maker(cfg, base_test)
-    loader = make_loader(test_ds, base_test, cfg.train.batch_size * 2, EpochSampler(len(test_ds), 0, shuffle=False),
-                         cfg.data.num_workers, False)
+    loader = eval_loader(cfg, test_ds, base_test)
     probe = maker.views(next(iter(loader)), "cpu")
     h, w = probe[1].shape[-2:]
     if bool((probe[2] == torch.tensor([0.0, 0.0, w, h])).all()):

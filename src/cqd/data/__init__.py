@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from cqd.data.base import ImageDataset
-from cqd.registry import Registry
+from cqd.registry import Registry, import_modules
 
 DATASETS: Registry = Registry("dataset")
 
-# registry entries
-from cqd.data import cars, cub, fashion_mnist, folder  # noqa: E402,F401
+import_modules(__name__, __path__, skip=("base", "images", "paired"))  # each dataset module registers itself
 
 __all__ = ["DATASETS", "ImageDataset"]

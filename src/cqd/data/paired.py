@@ -93,12 +93,16 @@ class PairMaker:
             self._twins = (slot, torch.cat(zs), torch.cat(boxes))
         return n
 
+    def hq(self, batch: dict, device, epoch: int = 0) -> Tensor:
+        """Unnormalized x = T_hq(high-quality view) in [0, 1]: all a teacher with its own view needs."""
+        x = batch[self.hq_view].to(device, non_blocking=True).float().div_(255)
+        return self.T_hq(x, batch["index"].to(device), self.seed, epoch if self.fresh else None)[0]
+
     def views(self, batch: dict, device, epoch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Unnormalized x, z in [0, 1] and z's box."""
         idx = batch["index"].to(device)
         ep = epoch if self.fresh else None
-        x = batch[self.hq_view].to(device, non_blocking=True).float().div_(255)
-        x, _ = self.T_hq(x, idx, self.seed, ep)
+        x = self.hq(batch, device, epoch)
         if self._twins is not None:
             slot = self._twins[0][batch["index"].cpu()]  # on the CPU: no device sync to check it
             if bool((slot >= 0).all()):

@@ -3,7 +3,7 @@
     lowres:size=7        one degradation with params
     clutter+lowres:size=16   '+' composes, left to right
 
-A new degradation is one file with a `@DEGRADATIONS.register(name)` dataclass, plus its import below.
+A new degradation is one file in this folder with a `@DEGRADATIONS.register(name)` dataclass.
 """
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import typing
 
 from cqd.degradations.base import Compose, Degradation, Draws, Identity
 from cqd.errors import CQDError
-from cqd.registry import Registry
+from cqd.registry import Registry, import_modules
 
 DEGRADATIONS: Registry[type[Degradation]] = Registry("degradation")
 DEGRADATIONS.register("none")(Identity)
 
-# registry entries: each module registers its class on import
-from cqd.degradations import blur, clutter, edges, gray, jpeg, lowres, noise, tps  # noqa: E402,F401
+import_modules(__name__, __path__, skip=("base",))  # each module registers its class
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

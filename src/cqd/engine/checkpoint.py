@@ -234,7 +234,9 @@ def load_state(target, state, path: str | Path, what: str) -> None:
 # settings that may change between a run and its resumption; any other difference is an error
 RESUMABLE_CHANGES = ("name", "out_dir", "cache_dir", "pretrained", "teacher.pretrained", "teacher.checkpoint",
                      "data.root", "data.num_workers", "train.epochs", "train.eval_every", "train.progress",
-                     "train.accelerator", "train.devices", "train.strategy", "train.precision")
+                     "train.accelerator", "train.devices", "train.strategy", "train.precision",
+                     "train.feature_cache_mb")
+FORMAT = "cqd-checkpoint-v2"
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -253,11 +255,37 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def migrate_config(config: Mapping) -> dict:
+    """A config dump of any cqd version in today's layout: the flat `method.T/lam/loss/scale` of
+    files written before each method had its own section move to `method.cqd`."""
+    from cqd.config import MOVED_METHOD_KEYS
+
+    config = dict(config)
+    method = dict(config.get("method") or {})
+    for key, section in MOVED_METHOD_KEYS.items():
+        if key in method:
+            method[section] = {**method.get(section, {}), key: method.pop(key)}
+    config["method"] = method
+    return config
+
+
+def weight_settings(config: Mapping) -> dict[str, Any]:
+    """The flattened config without the sections of methods other than the chosen one (unused)."""
+    config = migrate_config(config)
+    chosen = config["method"].get("name")
+    return {k: v for k, v in _flat(config).items()
+            if not (k.startswith("method.") and k.count(".") > 1 and k.split(".")[1] != chosen)}
+
+
 def load_resume_checkpoint(path: str | Path, config: Mapping) -> dict:
     """`last.ckpt` for `--resume`: complete, and written by a run with the same settings as `config`
-    (except RESUMABLE_CHANGES); otherwise a CheckpointError saying what differs."""
+    (except RESUMABLE_CHANGES); otherwise a CheckpointError saying what differs. A file written before
+    the method API had phases (one `optimizer`, one `scheduler`, only the student) is converted."""
     ck = load_model_file(path)
-    missing = [k for k in ("optimizer", "scheduler", "epoch", "step_in_epoch", "history") if k not in ck]
+    if "method" not in ck and "optimizer" in ck and "scheduler" in ck:  # the first format
+        ck["method"] = {f"student.{k}": v for k, v in ck["model"].items()}
+        ck["optimizers"], ck["schedulers"] = {"main": ck.pop("optimizer")}, {"main": ck.pop("scheduler")}
+    missing = [k for k in ("method", "optimizers", "schedulers", "epoch", "step_in_epoch", "history") if k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a resumable checkpoint (no {', '.join(missing)}); "
                               "use another out_dir or drop --resume")
@@ -265,7 +293,7 @@ def load_resume_checkpoint(path: str | Path, config: Mapping) -> dict:
         raise CheckpointError(f"{path} is for model {ck['model_name']!r}, not {config.get('model')!r}; "
                               "use another out_dir or drop --resume")
     if isinstance(ck.get("config"), Mapping):
-        old, new = _flat(ck["config"]), _flat(config)
+        old, new = weight_settings(ck["config"]), weight_settings(config)
         diff = [k for k in sorted(set(old) & set(new))
                 if k not in RESUMABLE_CHANGES and not _same(old.get(k), new.get(k))]
         if diff:

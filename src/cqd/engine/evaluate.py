@@ -3,27 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Subset
-
 from cqd.config import RunConfig
-from cqd.engine.trainer import (EpochSampler, build_datasets, evaluate, flush_denormals, load_model, make_fabric,
-                                make_loader, make_maker)
+from cqd.engine import classification
+from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+from cqd.engine.model_files import load_model
+from cqd.engine.precision import flush_denormals, make_fabric
+from cqd.methods import METHODS
 
 
 def evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
+    """Top-1 of `model_path` on the test views the config's method evaluates (x: acc_hq, z: acc_lq)."""
     with flush_denormals():
-        return _evaluate_saved(model_path, cfg)
-
-
-def _evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
-    t = cfg.train
-    fabric = make_fabric(t, devices=1)
-    _, test_ds, _, base_test = build_datasets(cfg)
-    model, _ = load_model(model_path, base_test.num_classes, base_test.in_chans)
-    model = fabric.setup_module(model)
-    maker = make_maker(cfg, base_test)
-    loader = make_loader(test_ds, base_test, t.batch_size * 2, EpochSampler(len(test_ds), 0, shuffle=False), cfg.data.num_workers, False)
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-    res = evaluate(model, loader, maker, fabric, base_test.num_classes)
-    n = len(test_ds.indices) if isinstance(test_ds, Subset) else len(test_ds)
-    return {"model": str(model_path), "degradation": cfg.data.degradation, "n_test": n, **res}
+        fabric = make_fabric(cfg.train, devices=1)
+        _, test_ds, _, base_test = build_datasets(cfg)
+        method = METHODS.get(cfg.method.name)
+        classes = method.num_outputs(base_test.num_classes)
+        model, _ = load_model(model_path, classes, base_test.in_chans)
+        loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test), use_distributed_sampler=False)
+        res = classification.evaluate({"": fabric.setup_module(model)}, method.eval_views,
+                                      loader, make_maker(cfg, base_test), fabric, classes)
+        return {"model": str(model_path), "degradation": cfg.data.degradation, "n_test": len(test_ds), **res}

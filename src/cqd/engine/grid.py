@@ -1,26 +1,39 @@
-"""The paper's Table 1 as a grid of runs: rows (methods) x columns (degradations) x seeds.
+"""The paper's Table 1 as a grid of runs: rows (named override sets, usually methods) x columns
+(degradations and views) x seeds.
 
 Each cell is a run folder with a `result.json`; a cell whose result exists is skipped, so a grid
 is resumable and `--force` redoes cells. Several processes (or machines sharing the folder) can
 work on one grid: a cell is claimed by creating its lock file exclusively, and a lock whose
-process is gone (same host) is taken over.
+process is gone (same host) is taken over. Each distinct teacher is trained once per seed and
+shared by every cell that needs it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cqd.config import GridConfig, RunConfig
-from cqd.engine.checkpoint import save_json
-from cqd.engine.trainer import MODEL, RESULT
-from cqd.methods import METHODS
+from cqd.config import GridConfig, RowConfig, RunConfig
+from cqd.engine.checkpoint import save_json, weight_settings
+from cqd.engine.model_files import MODEL
+from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.engine.trainer import RESULT
 
-TEACHER_ROW = "hq"
+TEACHER_ROW = "hq"  # the row that evaluates the shared teacher f (A -> A and A -> B) instead of training
+
+
+@dataclass
+class Cell:
+    kind: str  # "train" or "eval" (the teacher row: f evaluated on the column's views)
+    cfg: RunConfig
+    column: str | None = None  # None for a teacher's run
+    row: str | None = None
 
 
 def _alive(pid: int) -> bool:
@@ -63,44 +76,62 @@ def claim(cell: Path):
     yield False
 
 
-def cell_config(grid: GridConfig, column: str, method: str, seed: int, out: Path) -> RunConfig:
-    col = grid.columns[column]
-    cfg = grid.base.model_copy(deep=True)
-    cfg.seed = seed
-    cfg.name = f"{column}/{method}/s{seed}"
-    cfg.data.degradation, cfg.data.hq_view, cfg.data.lq_view = col.degradation, col.hq_view, col.lq_view
-    cfg.method.name = method
-    cfg.out_dir = str(out / "cells" / column / method / f"s{seed}")
+def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: Path) -> RunConfig:
+    cfg = grid.cell(column, row, seed)
+    cfg.name = f"{column}/{row.id}/s{seed}"
+    cfg.out_dir = str(out / "cells" / column / row.id / f"s{seed}")
     cfg.cache_dir = str(out / "cache")
     return cfg
 
 
-def teacher_config(grid: GridConfig, column: str, seed: int, out: Path) -> RunConfig:
-    """f for a column: trained once per (high-quality view, seed) and shared by every column with that view."""
-    cfg = cell_config(grid, column, TEACHER_ROW, seed, out)
-    view = f"{cfg.data.hq_view}-{cfg.data.hq_degradation}".replace(":", "_").replace("+", "_")
-    cfg.model = cfg.teacher.model or cfg.model
-    cfg.name = f"teacher/{view}/s{seed}"
-    cfg.out_dir = str(out / "teachers" / view / f"s{seed}")
-    return cfg
+# Settings that do not change a teacher's weights: left out when telling teachers apart.
+_NOT_THE_TEACHER = ("name", "out_dir", "cache_dir", "seed", "data.degradation", "data.lq_view", "data.twin_cache_mb",
+                    "data.num_workers", "train.progress", "train.eval_every", "train.cache_teacher",
+                    "train.feature_cache_mb", "data.hq_view", "data.hq_degradation")
 
 
-def plan(grid: GridConfig, out: Path) -> list[tuple[str, RunConfig]]:
-    """Every cell in run order: teachers first, then each column's rows, seed by seed."""
-    cells: list[tuple[str, RunConfig]] = []
+def _teacher_digest(tcfg: RunConfig) -> str:
+    keep = {k: v for k, v in weight_settings(tcfg.model_dump()).items() if k not in _NOT_THE_TEACHER}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def shared_teacher(grid: GridConfig, column: str, row: RowConfig, seed: int, k: int, out: Path) -> RunConfig:
+    """Teacher k of a cell as a run of its own. It follows the base and the column, and of the row only
+    its `teacher`/`teachers` keys (a row that tunes the student's lr still shares f). Its folder is
+    `teachers/<view>/s<seed>` for the base's teacher (today's layout), `teachers/<view>-<digest>/s<seed>`
+    for a teacher whose settings differ."""
+    own = {key: v for key, v in row.set.items() if key.split(".")[0] in ("teacher", "teachers")}
+    tcfg = teacher_run_config(grid.cell(column, RowConfig(id=row.id, set=own), seed), k)
+    view = f"{tcfg.data.hq_view}-{tcfg.data.hq_degradation}".replace(":", "_").replace("+", "_")
+    base = grid.base.model_copy(deep=True)
+    base.seed = seed
+    if _teacher_digest(tcfg) != _teacher_digest(teacher_run_config(base, 0)):
+        view += f"-{_teacher_digest(tcfg)}"
+    tcfg.name = f"teacher/{view}/s{tcfg.seed}"
+    tcfg.out_dir = str(out / "teachers" / view / f"s{tcfg.seed}")
+    tcfg.cache_dir = str(out / "cache")
+    return tcfg
+
+
+def plan(grid: GridConfig, out: Path) -> list[Cell]:
+    """Every cell in run order, seed by seed: each teacher before the first cell that needs it, then the
+    column's rows. A cell's teachers are pointed at the shared teachers' model.pt."""
+    cells: list[Cell] = []
     seen = set()
     for seed in grid.seeds:
         for column in grid.columns:
-            t = teacher_config(grid, column, seed, out)
-            if t.out_dir not in seen:
-                seen.add(t.out_dir)
-                cells.append(("train", t))
-            for method in grid.rows:
-                cfg = cell_config(grid, column, method, seed, out)
-                cls = METHODS.get(method)
-                if method == TEACHER_ROW or cls.uses_teacher or cls.init_from_teacher != "never":
-                    cfg.teacher.checkpoint = str(Path(t.out_dir) / MODEL)
-                cells.append(("eval" if method == TEACHER_ROW else "train", cfg))
+            for row in grid.rows:
+                cfg = cell_config(grid, column, row, seed, out)
+                evaluates_f = row.id == TEACHER_ROW and row.set == {"method.name": TEACHER_ROW}
+                if evaluates_f or needs_teacher(cfg):
+                    for k, t in enumerate(cfg.teacher_list):
+                        if t.checkpoint is None:
+                            tcfg = shared_teacher(grid, column, row, seed, k, out)
+                            if tcfg.out_dir not in seen:
+                                seen.add(tcfg.out_dir)
+                                cells.append(Cell("train", tcfg))
+                            t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
+                cells.append(Cell("eval" if evaluates_f else "train", cfg, column, row.id))
     return cells
 
 
@@ -140,14 +171,13 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dic
         return res
 
 
-def collect(grid: GridConfig) -> list[tuple[str, RunConfig, dict | None]]:
-    """(kind, config, result or None) for every cell, whoever ran it."""
-    out = Path(grid.out_dir)
-    rows = []
-    for kind, cfg in plan(grid, out):
-        path = Path(cfg.out_dir) / RESULT
-        rows.append((kind, cfg, json.loads(path.read_text()) if path.is_file() else None))
-    return rows
+def collect(grid: GridConfig) -> list[tuple[Cell, dict | None]]:
+    """(cell, result or None) for every cell, whoever ran it."""
+    out = []
+    for cell in plan(grid, Path(grid.out_dir)):
+        path = Path(cell.cfg.out_dir) / RESULT
+        out.append((cell, json.loads(path.read_text()) if path.is_file() else None))
+    return out
 
 
 def holder(cell: Path) -> str:
@@ -174,19 +204,18 @@ def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict
     pending, noted, since = plan(grid, out), time.monotonic(), time.time() if force else None
     while pending:
         waiting = []
-        for kind, cfg in pending:
-            teacher = cfg.teacher.checkpoint
-            if teacher is not None and not Path(teacher).is_file():
-                waiting.append((kind, cfg))
+        for cell in pending:
+            if any(t.checkpoint is not None and not Path(t.checkpoint).is_file() for t in cell.cfg.teacher_list):
+                waiting.append(cell)
                 continue
-            res = run_cell(kind, cfg, redo_before=since)
+            res = run_cell(cell.kind, cell.cfg, redo_before=since)
             if res is None:
-                waiting.append((kind, cfg))
+                waiting.append(cell)
             elif on_cell:
-                on_cell(cfg.name, res)
+                on_cell(cell.cfg.name, res)
         if len(waiting) == len(pending):
             if time.monotonic() - noted >= note_s:
-                held = [holder(Path(c.out_dir)) for _, c in waiting if (Path(c.out_dir) / ".lock").is_file()]
+                held = [holder(Path(c.cfg.out_dir)) for c in waiting if (Path(c.cfg.out_dir) / ".lock").is_file()]
                 log(f"waiting for {len(waiting)} cell(s) that other processes hold or need: {'; '.join(held[:3])}"
                     + (f" and {len(held) - 3} more" if len(held) > 3 else "")
                     + ". A lock whose process is gone is taken over on its own host; from another host, delete it.")

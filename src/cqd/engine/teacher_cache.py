@@ -7,7 +7,6 @@ so a changed teacher, dataset, precision or teacher-view degradation misses.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -30,23 +29,6 @@ def weights_digest(model: nn.Module) -> str:
 def cache_key(teacher: nn.Module, data_identity: dict, view_key: str) -> str:
     blob = json.dumps({"w": weights_digest(teacher), "data": data_identity, "view": view_key}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-@torch.no_grad()
-def compute_logits(teacher: nn.Module, loader, maker, device, size: int, autocast=contextlib.nullcontext) -> Tensor:
-    """f(x) for every item the loader yields, as a (size, K) float32 table indexed by dataset index.
-
-    `autocast` is the run's (`fabric.autocast`), so the table equals the on-the-fly teacher's logits."""
-    teacher.eval()
-    table = None
-    for batch in loader:
-        x, _, _ = maker.views(batch, device)
-        with autocast():
-            logits = teacher(maker.normalize(x)).float()
-        if table is None:
-            table = torch.full((size, logits.shape[1]), float("nan"), device=device)
-        table[batch["index"].to(device)] = logits
-    return table
 
 
 def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Tensor, bool]:

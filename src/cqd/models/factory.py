@@ -265,5 +265,3 @@ def _few(keys: list[str]) -> str:
     more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
     return ", ".join(keys[:_SHOW]) + more
 
-
-from cqd.models import cifar  # noqa: E402,F401  (registers the built-in models)

@@ -14,16 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cqd.engine.checkpoint import save_json, save_text  # noqa: E402
 
-# (label, description, method row, which test accuracy)
-ROWS = [
-    ("A -> A", "Upper bound", "hq", "acc_hq"),
-    ("A -> B", "No adaptation", "hq", "acc_lq"),
-    ("B -> B", "Fine-tuning", "lq", "acc_lq"),
-    ("A+B -> B", "Data augment.", "augment", "acc_lq"),
-    ("A,B -> B", "Staged training", "staged", "acc_lq"),
-    ("CQD -> B", "CQD (proposed)", "cqd", "acc_lq"),
-]
-
 PAPER_TABLE1 = """\
 Paper's Table 1 (Su and Maji, vgg-m on CUB-200-2011 / Stanford Cars; other data, for reference only):
 
@@ -44,31 +34,46 @@ def _stat(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(cells, columns: list[str], seeds: list[int]) -> dict:
-    """{column: {row label: stat}} in percent, plus the per-seed 'gap closed' = (CQD - B) / (A->A - B)."""
-    acc = {}
-    for kind, cfg, res in cells:
-        if res is None or kind != "eval" and cfg.method.name == "hq":
-            continue
-        column = cfg.name.split("/")[0]
-        acc[(column, cfg.method.name, cfg.seed)] = res
+def lines(grid) -> list[tuple[str, str, str]]:
+    """(row id, line label, metric) for every line of the table, in the grid's row order. A row gives its
+    method's lines (the teacher row hq: A -> A on x and A -> B on z; others one line on z), under the
+    row's own label when it has one; a label another row already has gets the row's id appended."""
+    from cqd.methods import METHODS
+
+    out = []
+    for row in grid.rows:
+        cls = METHODS.get(row.set.get("method.name", grid.base.method.name))
+        own = cls.table_lines or ((cls.label or row.id, "acc_lq"),)
+        if row.label:
+            own = [(row.label, k) for _, k in own] if len(own) == 1 else [(f"{row.label}: {lab}", k) for lab, k in own]
+        taken = {label for _, label, _ in out}
+        out += [(row.id, label if label not in taken else f"{label} [{row.id}]", key) for label, key in own]
+    return out
+
+
+def summarize(cells, grid) -> dict:
+    """{column: {line label: stat}} in percent, plus the per-seed 'gap closed' = (CQD - B) / (A->A - B)
+    when the grid has the rows hq, lq and cqd."""
+    acc = {(c.column, c.row, c.cfg.seed): res for c, res in cells if res is not None and c.row is not None}
     table = {}
-    for column in columns:
+    for column in grid.columns:
         rows = {}
-        for label, _, method, key in ROWS:
-            vals = [100 * acc[(column, method, s)][key] for s in seeds if (column, method, s) in acc]
-            rows[label] = _stat(vals)
+        for row, label, key in lines(grid):
+            rows[label] = _stat([100 * acc[(column, row, s)][key] for s in grid.seeds if (column, row, s) in acc])
         gaps = []
-        for s in seeds:
+        for s in grid.seeds:
             try:
-                up, b, c = (100 * acc[(column, m, s)][k] for m, k in (("hq", "acc_hq"), ("lq", "acc_lq"), ("cqd", "acc_lq")))
+                up, b, c = (100 * acc[(column, r, s)][k] for r, k in (("hq", "acc_hq"), ("lq", "acc_lq"), ("cqd", "acc_lq")))
             except KeyError:
                 continue
             if up - b > 1e-9:
                 gaps.append((c - b) / (up - b))
-        rows["gap closed"] = _stat(gaps)
+        rows[GAP] = _stat(gaps)
         table[column] = rows
     return table
+
+
+GAP = "gap closed (CQD - B) / (A->A - B)"
 
 
 def _fmt(st: dict, pct: bool = True) -> str:
@@ -79,33 +84,34 @@ def _fmt(st: dict, pct: bool = True) -> str:
     return f"{st['mean']:.1f}" + (f" ± {st['std']:.1f}" if st["n"] > 1 else "")
 
 
-def markdown(table: dict, title: str, n_seeds: int) -> str:
+def markdown(table: dict, title: str, n_seeds: int, labels: list[str]) -> str:
     cols = list(table)
-    lines = [f"## {title}", "",
-             f"Top-1 accuracy (%) on the test set, mean ± std over {n_seeds} seed(s). "
-             "Train -> test: A = high quality, B = low quality.", "",
-             "| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for label, desc, _, _ in ROWS:
-        lines.append(f"| {label} {desc.lower()} | " + " | ".join(_fmt(table[c][label]) for c in cols) + " |")
-    lines.append("| gap closed (CQD - B) / (A->A - B) | " + " | ".join(_fmt(table[c]["gap closed"], pct=False) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    out = [f"## {title}", "",
+           f"Top-1 accuracy (%) on the test set, mean ± std over {n_seeds} seed(s). "
+           "Train -> test: A = high quality, B = low quality.", "",
+           "| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label in labels:
+        out.append(f"| {label} | " + " | ".join(_fmt(table[c][label]) for c in cols) + " |")
+    if any(table[c][GAP]["n"] for c in cols):
+        out.append(f"| {GAP} | " + " | ".join(_fmt(table[c][GAP], pct=False) for c in cols) + " |")
+    return "\n".join(out) + "\n"
 
 
 def run_rows(cells) -> list[dict]:
     rows = []
-    for kind, cfg, res in cells:
+    for cell, res in cells:
         if res is None:
             continue
-        rows.append({"name": cfg.name, "kind": kind, "method": cfg.method.name, "seed": cfg.seed,
+        cfg = cell.cfg
+        rows.append({"name": cfg.name, "kind": cell.kind, "row": cell.row, "method": cfg.method.name, "seed": cfg.seed,
                      "degradation": cfg.data.degradation, "acc_hq": res.get("acc_hq"), "acc_lq": res.get("acc_lq"),
                      "wall_s": res.get("wall_s"), "images_per_s": res.get("images_per_s"),
                      "precision": res.get("precision"), "config": json.dumps(cfg.model_dump(), sort_keys=True)})
     return rows
 
 
-def bar_chart(table: dict, path: Path) -> None:
+def bar_chart(table: dict, path: Path, labels: list[str]) -> None:
     cols = list(table)
-    labels = [r[0] for r in ROWS]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cols), 3.6))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
@@ -125,17 +131,18 @@ def bar_chart(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cells, columns: list[str], seeds: list[int], out: Path, title: str) -> tuple[str, dict]:
+def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     """Writes table.md (with the paper's numbers for reference), table.json, runs.csv, runs.json, table.png."""
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(cells, columns, seeds)
-    md = markdown(table, title, len(seeds))
+    table = summarize(cells, grid)
+    labels = [label for _, label, _ in lines(grid)]
+    md = markdown(table, grid.name, len(grid.seeds), labels)
     runs = run_rows(cells)
-    missing = sum(res is None for _, _, res in cells)
+    missing = sum(res is None for _, res in cells)
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
     save_text(md + note + "\n" + PAPER_TABLE1, out / "table.md")
-    save_json({"title": title, "seeds": seeds, "table": table, "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]},
-              out / "table.json")
+    save_json({"title": grid.name, "seeds": grid.seeds, "table": table,
+               "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}, out / "table.json")
     save_json(runs, out / "runs.json")
     buf = io.StringIO()
     if runs:
@@ -143,5 +150,5 @@ def write_report(cells, columns: list[str], seeds: list[int], out: Path, title: 
         w.writeheader()
         w.writerows(runs)
     save_text(buf.getvalue(), out / "runs.csv")
-    bar_chart(table, out / "table.png")
+    bar_chart(table, out / "table.png", labels)
     return md + note, table

@@ -1,0 +1,62 @@
+"""Devices and precision: Lightning Fabric for the configured accelerator, and cqd's precision policy."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from lightning.fabric import Fabric
+
+from cqd.errors import ConfigError
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it bf16 is emulated, and slow."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """A clear error for an accelerator this machine lacks (Fabric's own is a traceback)."""
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+    want = "cuda" if accelerator == "gpu" else accelerator
+    if want not in ("auto", *have):
+        raise ConfigError(f"train.accelerator={accelerator}: this machine has no {want.upper()} device "
+                          f"(torch {torch.__version__} sees: {', '.join(have)}); use train.accelerator=auto or cpu")
+
+
+def resolve_precision(t) -> str:
+    """`auto`: bf16-mixed on CUDA (16-mixed where it lacks bf16) and on CPUs with native bf16; fp32 on other
+    CPUs (bf16 autocast there was ~10x slower) and MPS. Any other value is used as given."""
+    if t.precision != "auto":
+        return t.precision
+    cuda = t.accelerator in ("cuda", "gpu") or (t.accelerator == "auto" and torch.cuda.is_available())
+    if cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.backends.mps.is_available())
+    return "bf16-mixed" if cpu and cpu_has_bf16() else "32-true"
+
+
+def make_fabric(t, devices=None) -> Fabric:
+    """Fabric for the configured accelerator and devices (`devices` overrides, with the auto strategy)."""
+    _check_accelerator(t.accelerator)
+    quiet = [logging.getLogger(n) for n in ("lightning.fabric", "lightning.pytorch")]  # its "Using bfloat16 AMP" lines
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        return Fabric(accelerator=t.accelerator, devices=devices or t.devices,
+                      strategy="auto" if devices else t.strategy, precision=resolve_precision(t))
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+@contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero while cqd computes: on the CPU they made small-net training
+    10x slower. Restored to torch's default afterwards, so the caller's process is unchanged."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)

@@ -1,0 +1,161 @@
+"""The frozen teachers f_1..f_K of a run: whether a run needs them, the run that trains each one
+when no checkpoint is given, and their outputs for each batch (logits and tapped feature maps).
+
+When a teacher's input x is fixed (no fresh per-epoch draws on its view), its logits are computed
+once and cached on disk (keyed by its weights, the data, its view and the precision), and its tapped
+feature maps are computed once and kept on the device when they fit `train.feature_cache_mb`;
+otherwise the teacher runs on each batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from cqd.engine.loaders import make_maker
+from cqd.engine.model_files import MODEL, load_model
+from cqd.engine.teacher_cache import cache_key, cached_teacher_logits
+from cqd.methods import METHODS
+from cqd.methods.base import freeze
+from cqd.models.taps import FeatureTaps
+
+
+def needs_teacher(cfg) -> bool:
+    """Does a run of `cfg` need f? (its method's rule; the trainer, the grid and the analyses all ask here)"""
+    return METHODS.get(cfg.method.name).needs_teacher(cfg)
+
+
+def teacher_run_config(cfg, k: int = 0):
+    """The run that trains teacher k when it has no checkpoint: method hq on the teacher's model, seed,
+    view and x degradation, in `<out_dir>/teacher` (k = 0) or `<out_dir>/teacher<k>`."""
+    from cqd.config import MethodConfig, TeacherConfig
+
+    t = cfg.teacher_list[k]
+    tcfg = cfg.model_copy(deep=True)
+    tcfg.model, tcfg.pretrained = t.model or cfg.model, t.pretrained
+    tcfg.seed = cfg.seed if t.seed is None else t.seed
+    tcfg.data.hq_view = t.view or cfg.data.hq_view
+    tcfg.data.hq_degradation = t.degradation or cfg.data.hq_degradation
+    tcfg.method = MethodConfig(name="hq")
+    tcfg.teacher, tcfg.teachers = TeacherConfig(), []
+    suffix = "" if k == 0 else str(k)
+    tcfg.out_dir, tcfg.name = str(Path(cfg.out_dir) / f"teacher{suffix}"), f"{cfg.name}-teacher{suffix}"
+    return tcfg
+
+
+def teacher_file(cfg, k: int, train: Callable, log: Callable[[str], None]) -> Path:
+    """Teacher k's model.pt: its checkpoint, or trained now (method hq) into its own folder."""
+    path = cfg.teacher_list[k].checkpoint
+    if path is not None:
+        return Path(path)
+    tcfg = teacher_run_config(cfg, k)
+    path = Path(tcfg.out_dir) / MODEL
+    if not path.is_file():
+        log(f"no checkpoint for teacher {k}: training it (method hq) into {tcfg.out_dir}")
+        train(tcfg, resume=True)
+    return path
+
+
+class Teachers:
+    """The loaded, frozen teachers of a run, each with the maker of its own x when its view differs."""
+
+    def __init__(self, cfg, base_train, num_classes: int, in_chans: int, fabric, train: Callable, log):
+        self.cfg, self.fabric, self.log = cfg, fabric, log
+        self.models: list[nn.Module] = []
+        self.paths: list[str] = []
+        self.makers = []  # None: the teacher sees the run's x
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        for k, t in enumerate(cfg.teacher_list):
+            path = teacher_file(cfg, k, train, log)
+            model, _ = load_model(path, num_classes, in_chans)
+            self.models.append(freeze(model.to(fabric.device, memory_format=fmt)))
+            self.paths.append(str(path))
+            own = (t.view or cfg.data.hq_view, t.degradation or cfg.data.hq_degradation)
+            same = own == (cfg.data.hq_view, cfg.data.hq_degradation)
+            self.makers.append(None if same else make_maker(cfg, base_train, *own))
+        self.taps: list[FeatureTaps | None] = [None] * len(self.models)
+        self.logit_tables: list[Tensor | None] = [None] * len(self.models)
+        self.feature_tables: list[tuple[Tensor, dict[str, Tensor]] | None] = [None] * len(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def tap(self, names: list[list[str]]) -> None:
+        """Collect these layers' outputs of each teacher (the method's `teacher_taps`)."""
+        for k, layers in enumerate(names):
+            if layers:
+                self.taps[k] = FeatureTaps(self.models[k], layers, f"a feature tap on teacher {k}")
+
+    def _input(self, k: int, batch: dict, pair, epoch: int) -> Tensor:
+        maker = self.makers[k]
+        return pair.x if maker is None else maker.normalize(maker.hq(batch, self.fabric.device, epoch))
+
+    def cache(self, train_ds, base_train, all_loader, run_maker) -> None:
+        """Compute what can be computed once (x fixed and `train.cache_teacher`): logits on disk, tapped maps on the device."""
+        cfg, fabric = self.cfg, self.fabric
+        if not cfg.train.cache_teacher:
+            return
+        identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
+                    "n": len(base_train), "data_seed": cfg.data.seed, "precision": fabric.strategy.precision.precision}
+        if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
+            identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
+        for k, model in enumerate(self.models):
+            maker = self.makers[k] or run_maker
+            if not maker.teacher_input_fixed:
+                continue
+            key = cache_key(model, identity, maker.view_key())
+            table, hit = cached_teacher_logits(cfg.cache_dir, key, lambda: self._pass(k, all_loader, maker, len(base_train))[0])
+            self.logit_tables[k] = table.to(fabric.device)
+            self.log(f"teacher {k} logits: {'cache hit' if hit else 'computed and cached'} ({cfg.cache_dir}/teacher-{key}.pt)")
+            if self.taps[k] is not None:
+                mb = self._feature_mb(k, maker, len(train_ds))
+                if mb <= cfg.train.feature_cache_mb:
+                    _, slots, maps = self._pass(k, all_loader, maker, len(base_train))
+                    self.feature_tables[k] = (slots, maps)
+                    self.log(f"teacher {k} feature maps: computed once ({mb:.0f} MB on {fabric.device})")
+                else:
+                    self.log(f"teacher {k} feature maps: {mb:.0f} MB > train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
+
+    @torch.no_grad()
+    def _feature_mb(self, k: int, maker, n: int) -> float:
+        size = self.cfg.data.image_size
+        self.models[k](torch.zeros(1, len(maker.mean.view(-1)), size, size, device=self.fabric.device))
+        return n * sum(t.numel() for t in self.taps[k].out.values()) * 4 / 2**20
+
+    @torch.no_grad()
+    def _pass(self, k: int, loader, maker, size: int):
+        """(logits table by dataset index, slot of each dataset index, tapped maps by slot) over `loader`."""
+        model, taps, device = self.models[k], self.taps[k], self.fabric.device
+        table, slots, maps, n = None, torch.full((size,), -1, dtype=torch.long, device=device), {}, 0
+        for batch in loader:
+            index = batch["index"].to(device)
+            with self.fabric.autocast():
+                logits = model(maker.normalize(maker.hq(batch, device))).float()
+            if table is None:
+                table = torch.full((size, logits.shape[1]), float("nan"), device=device)
+            table[index] = logits
+            slots[index] = torch.arange(n, n + len(index), device=device)
+            n += len(index)
+            for name, f in (taps.out.items() if taps is not None else ()):
+                maps.setdefault(name, []).append(f.float())
+        return table, slots, {name: torch.cat(fs) for name, fs in maps.items()}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, pair, epoch: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        """Each teacher's logits and tapped maps for this batch: looked up when cached, else computed now."""
+        logits, features = [], []
+        for k, model in enumerate(self.models):
+            cached_maps = self.feature_tables[k]
+            if self.logit_tables[k] is not None and (self.taps[k] is None or cached_maps is not None):
+                logits.append(self.logit_tables[k][pair.index])
+                slots, maps = cached_maps or (None, {})
+                features.append({name: m[slots[pair.index]] for name, m in maps.items()})
+                continue
+            with self.fabric.autocast():
+                logits.append(model(self._input(k, batch, pair, epoch)).float())
+            features.append({name: f.float() for name, f in (self.taps[k].out.items() if self.taps[k] else ())})
+        return logits, features

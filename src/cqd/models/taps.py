@@ -1,0 +1,78 @@
+"""Feature taps: the outputs of named layers, collected with forward hooks (torchdistill's idea).
+
+A layer is named by its module path (`features.3`, `layer4`, `stages.2`), as `model.named_modules()`
+lists it, so no model's code changes: built-in nets, `tv:` and `timm:` models alike.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import Tensor, nn
+
+from cqd.errors import ConfigError
+
+def _unknown(model: nn.Module, name: str, what: str) -> ConfigError:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=3)
+    shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return ConfigError(f"{what}: no layer named {name!r} in {type(model).__name__}.{hint} Valid names: {shown}")
+
+
+class FeatureTaps:
+    """Keeps the latest output of each named layer of `model` in `self.out` (name -> tensor).
+
+    `what` says whose layers they are in an error (e.g. "method.fitnet.hint on the student").
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], what: str = "feature tap"):
+        modules = dict(model.named_modules())
+        for name in names:
+            if name not in modules or not name:
+                raise _unknown(model, name, what)
+        self.names = list(names)
+        self.out: dict[str, Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._keep(n)) for n in self.names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.out[name] = output
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def last_feature_map(model: nn.Module, sample: Tensor) -> str:
+    """The path of the layer that gives the last 4-D feature map larger than 1x1 (the last stage before
+    global pooling, when the input is large enough): the shallowest
+    module whose output is that tensor (`features` for the built-in nets, `layer4` for torchvision's
+    ResNets, `stages` for timm's ConvNeXt). The default tap of the feature methods."""
+    seen: list[tuple[str, Tensor]] = []
+
+    def hook(name):
+        def keep(module, args, output):
+            if isinstance(output, Tensor) and output.dim() == 4 and "Pool" not in type(module).__name__:
+                seen.append((name, output))
+        return keep
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    was = model.training
+    try:
+        model.eval()
+        model(sample)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ConfigError(f"{type(model).__name__} gives no 4-D feature map; name a layer explicitly")
+    spatial = [t for _, t in seen if t.shape[-1] * t.shape[-2] > 1]  # 1x1 maps: squeeze-excite, pooled heads
+    last = (spatial or [t for _, t in seen])[-1]
+    same = [n for n, t in seen if t is last]
+    return min(same, key=lambda n: n.count("."))
