@@ -1,7 +1,11 @@
-"""CUB, Stanford Cars and folder loaders on tiny trees written in the published layouts."""
+"""CUB, Stanford Cars, folder and Fashion-MNIST loaders on tiny trees written in the published layouts,
+checked against what the fixture wrote (files, labels, boxes) and against PIL's decoding and resizing."""
 from __future__ import annotations
 
+import gzip
 import io
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from cqd.data import DATASETS, cars, cub, folder
+from cqd.data import DATASETS, cars, cub, fashion_mnist, folder
 from cqd.data.images import FileImageDataset, Record, load_image
 from cqd.errors import DataError
 
@@ -144,6 +148,36 @@ def build(kind: str, tmp_path: Path, split: str = "train", **kw):
     return builder(tmp_path, split, S, **kw)
 
 
+def manifest(kind: str, root: Path, split: str) -> dict[Path, tuple[int, tuple | None]]:
+    """What the fixture wrote for `split`: image file -> (0-based label, 0-based xyxy box or None),
+    worked out from SPECS and the layouts here, not from the loaders."""
+    train = split == "train"
+    if kind == "folder":
+        names = ["dog", "cat", "eel"]  # make_folder's order; labels follow the sorted folder names
+        return {root / split / name / f"{name}{k}{'.png' if k == 1 else '.jpg'}": (sorted(names).index(name), None)
+                for name in names for k in range(3) if (k < 2) == train}
+    out, n = {}, 0
+    for i, (c, k, in_train) in enumerate(SPECS, 1):
+        if in_train != train:
+            continue
+        n += 1
+        path = {"cub": root / "CUB_200_2011" / "images" / f"{CUB_CLASSES[c]}/{CUB_CLASSES[c][4:]}_{i:04d}.jpg",
+                "cars-devkit": root / f"cars_{split}" / f"{n:05d}.jpg",
+                "cars-single-file": root / f"car_ims/{i:06d}.jpg"}[kind]
+        out[path] = (c, BOXES[k])
+    return out
+
+
+def pil_resized(path: Path, box: tuple | None = None) -> torch.Tensor:
+    """The image (or its box, widened to whole pixels) decoded and resized to S x S by PIL."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if box is not None:
+            x1, y1, x2, y2 = box
+            im = im.crop((math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)))
+        return torch.from_numpy(np.array(im.resize((S, S), Image.BILINEAR))).permute(2, 0, 1)
+
+
 # --- valid trees ------------------------------------------------------------------------------
 
 
@@ -167,6 +201,31 @@ def test_lengths_labels_and_classes(kind, tmp_path):
     assert sorted(int(test[i]["label"]) for i in range(3)) == [0, 1, 2]
     expected = {"cub": CUB_CLASSES, "folder": ["cat", "dog", "eel"]}.get(kind, CAR_CLASSES)
     assert train.classes == test.classes == expected
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_every_item_is_its_file_with_its_label_and_box(kind, split, tmp_path):
+    """Item i holds the pixels of the file the fixture wrote for it, that file's class and its box."""
+    make, builder = BUILDERS[kind]
+    make(tmp_path)
+    ds, expected = builder(tmp_path, split, S), manifest(kind, tmp_path, split)
+    assert sorted(r.path for r in ds.records) == sorted(expected)
+    labels = []
+    for i, record in enumerate(ds.records):
+        item, (label, box) = ds[i], expected[record.path]
+        labels.append(int(item["label"]))
+        assert int(item["label"]) == label, record.path
+        assert (item["full"].int() - pil_resized(record.path).int()).abs().max() <= 1, record.path
+        if box is None:
+            assert torch.equal(item["crop"], item["full"]) and item["box"].tolist() == [0, 0, S, S]
+            continue
+        with Image.open(record.path) as im:
+            w, h = im.size
+        x1, y1, x2, y2 = box
+        assert item["box"].tolist() == pytest.approx([x1 * S / w, y1 * S / h, x2 * S / w, y2 * S / h], abs=1e-5)
+        assert (item["crop"].int() - pil_resized(record.path, box).int()).abs().max() <= 1, record.path
+    assert sorted(labels) == sorted(label for label, _ in expected.values())
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -224,7 +283,9 @@ def test_cub_root_may_be_the_dataset_folder_or_its_parent(tmp_path):
 
 def test_cars_test_labels_may_sit_in_devkit(tmp_path):
     make_cars_devkit(tmp_path, test_annos_in_devkit=True)
-    assert len(cars.build(tmp_path, "test", S)) == 3
+    ds, expected = cars.build(tmp_path, "test", S), manifest("cars-devkit", tmp_path, "test")
+    assert len(ds) == 3
+    assert {r.path: (r.label, r.box) for r in ds.records} == expected
 
 
 def test_cars_single_record_struct(tmp_path):
@@ -233,6 +294,9 @@ def test_cars_single_record_struct(tmp_path):
     scipy.io.savemat(tmp_path / cars.TEST_ANNOS, {"annotations": struct_array([only])})
     ds = cars.build(tmp_path, "test", S)
     assert len(ds) == 1 and int(ds[0]["label"]) == 2
+    assert ds.records[0].path == tmp_path / "cars_test" / "00001.jpg" and ds.records[0].box == BOXES[0]
+    (x1, y1, x2, y2), (w, h) = BOXES[0], SIZES[2]  # cars_test/00001.jpg is the first test image: slot 2
+    assert ds[0]["box"].tolist() == pytest.approx([x1 * S / w, y1 * S / h, x2 * S / w, y2 * S / h], abs=1e-5)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -413,3 +477,94 @@ def test_load_image_and_base_class_directly(tmp_path):
     assert ds[0]["full"].shape == (1, 8, 8)
     with pytest.raises(DataError, match="image_size=0"):
         FileImageDataset([Record(tmp_path / "a.png", 0)], ["only"], 0)
+
+
+# --- Fashion-MNIST ------------------------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX uint8 file (big-endian dims after a 0 0 8 ndim magic), gzipped when the name ends in .gz."""
+    data = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    with (gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb")) as f:
+        f.write(data)
+
+
+def make_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random 28x28 items in the four files of the Fashion-MNIST project (images gzipped, labels not)."""
+    rng, out = np.random.default_rng(0), {}
+    for split, prefix, n in (("train", "train", 12), ("test", "t10k", 5)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+        out[split] = images, labels
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fashion_mnist_items_are_the_idx_files_pixels_and_labels(split, tmp_path):
+    images, labels = make_fashion_mnist(tmp_path)[split]
+    ds = DATASETS.get("fashion_mnist")(str(tmp_path), split, image_size=28)
+    assert len(ds) == len(labels) and ds.num_classes == len(ds.classes) == 10 and ds.in_chans == 1
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["full"].dtype == torch.uint8 and item["full"].shape == (1, 28, 28)
+        assert np.array_equal(item["full"][0].numpy(), images[i]) and torch.equal(item["crop"], item["full"])
+        assert int(item["label"]) == labels[i] and int(item["index"]) == i
+        assert item["box"].tolist() == [0, 0, 28, 28]
+    batch = ds.__getitems__([3, 0, 4])
+    assert torch.equal(batch["full"], torch.stack([ds[i]["full"] for i in (3, 0, 4)]))
+    assert batch["label"].tolist() == [int(labels[i]) for i in (3, 0, 4)] and batch["index"].tolist() == [3, 0, 4]
+
+
+def test_fashion_mnist_resized_like_pil(tmp_path):
+    images, _ = make_fashion_mnist(tmp_path)["train"]
+    ds = DATASETS.get("fashion_mnist")(str(tmp_path), "train", image_size=16)
+    want = np.stack([np.array(Image.fromarray(im).resize((16, 16), Image.BILINEAR)) for im in images])
+    got = ds.images[:, 0].numpy().astype(int)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
+    assert ds[0]["box"].tolist() == [0, 0, 16, 16]
+
+
+def test_fashion_mnist_bad_files_name_the_file(tmp_path):
+    make_fashion_mnist(tmp_path)
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-2])
+    with pytest.raises(DataError, match=f"{labels}.*truncated"):
+        DATASETS.get("fashion_mnist")(str(tmp_path), "test")
+    labels.write_bytes(b"PK\x03\x04 not an idx file")
+    with pytest.raises(DataError, match=f"{labels} is not an IDX"):
+        DATASETS.get("fashion_mnist")(str(tmp_path), "test")
+    write_idx(labels, np.zeros(4, np.uint8))  # 5 images, 4 labels
+    with pytest.raises(DataError, match=r"images \(5\) and labels \(4\)"):
+        DATASETS.get("fashion_mnist")(str(tmp_path), "test")
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        DATASETS.get("fashion_mnist")(str(tmp_path), "train")
+
+
+def test_fashion_mnist_is_never_downloaded_under_cqd_no_download(tmp_path, monkeypatch):
+    """conftest.py sets CQD_NO_DOWNLOAD=1 for every test and child process: a missing copy is a clear
+    DataError (where to get the files), and torchvision's download is not even called."""
+    import torchvision.datasets
+
+    assert os.environ.get("CQD_NO_DOWNLOAD") == "1"
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "debian")
+    monkeypatch.setattr(fashion_mnist, "DOWNLOAD_DIR", tmp_path / "cache")
+    downloads = []
+
+    def download(root, train, download):
+        downloads.append(root)
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", download)
+    with pytest.raises(DataError) as e:
+        fashion_mnist.build(None, "train")
+    for words in ("apt-get install dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist", str(tmp_path / "debian"),
+                  "CQD_NO_DOWNLOAD", "--data-dir"):
+        assert words in str(e.value)
+    assert downloads == []
+    monkeypatch.setenv("CQD_NO_DOWNLOAD", "0")  # allowed again: the download is tried (and fails here)
+    with pytest.raises(DataError, match="download failed: RuntimeError: network unreachable"):
+        fashion_mnist.build(None, "train")
+    assert downloads == [str(tmp_path / "cache")]

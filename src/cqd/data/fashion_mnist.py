@@ -1,7 +1,8 @@
 """Fashion-MNIST, the embedded default: 60k/10k 28x28 grey items, 10 classes, held in memory.
 
 Looked for in this order: `root` (the CLI's --data-dir), the Debian package `dataset-fashion-mnist`
-(/usr/share/datasets/fashion-mnist), torchvision's download into ~/.cache/cqd. The items are
+(/usr/share/datasets/fashion-mnist), torchvision's download into ~/.cache/cqd. With the environment
+variable CQD_NO_DOWNLOAD=1 (the tests set it) a missing copy is a DataError, never a download. The items are
 centred, so `crop == full` and the box is the whole image; the `clutter` degradation makes the
 non-localized view.
 """
@@ -21,6 +22,7 @@ from cqd.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_DIR = Path(os.environ.get("CQD_CACHE", Path.home() / ".cache" / "cqd"))
+NO_DOWNLOAD = "CQD_NO_DOWNLOAD"  # set (to anything but 0/false/no/off) to forbid the download fallback
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 HOW_TO_GET = (
@@ -59,6 +61,11 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def download_allowed() -> bool:
+    """False when $CQD_NO_DOWNLOAD is set to a true value (offline machines, the test suite)."""
+    return os.environ.get(NO_DOWNLOAD, "").strip().lower() in ("", "0", "false", "no", "off")
+
+
 def _locate(root: str | None, split: str) -> tuple[Path, Path]:
     stems = FILES[split]
     if root is not None:
@@ -70,6 +77,14 @@ def _locate(root: str | None, split: str) -> tuple[Path, Path]:
         found = [_find(folder, s) for s in stems]
         if None not in found:
             return found[0], found[1]
+    if not download_allowed():
+        raise DataError(
+            f"Fashion-MNIST ({split}) is in neither {DEBIAN_DIR} nor {DOWNLOAD_DIR}, and {NO_DOWNLOAD}="
+            f"{os.environ.get(NO_DOWNLOAD)!r} forbids downloading it. To fix: on Debian/Ubuntu `apt-get install "
+            "dataset-fashion-mnist` (it installs the files in /usr/share/datasets/fashion-mnist), or put the four "
+            "files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+            f"t10k-labels-idx1-ubyte.gz in a folder and pass --data-dir FOLDER, or unset {NO_DOWNLOAD}."
+        )
     try:
         from torchvision.datasets import FashionMNIST
 
