@@ -12,11 +12,12 @@ def load_config(path: str | Path | None = None, *overrides: str) -> RunConfig:
 
 
 def _cfg(config, overrides) -> RunConfig:
+    overrides = list(overrides)
     if isinstance(config, RunConfig):
-        return run_config(apply_overrides(config.model_dump(), list(overrides))) if overrides else config
+        return run_config(apply_overrides(config.model_dump(), overrides), overrides) if overrides else config
     if isinstance(config, dict):
-        return run_config(apply_overrides(config, list(overrides)))
-    return load_run_config(config, list(overrides))
+        return run_config(apply_overrides(config, overrides), overrides)
+    return load_run_config(config, overrides)
 
 
 def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, resume: bool = False) -> dict:
@@ -33,16 +34,18 @@ def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | Non
     return evaluate_saved(model_path, _cfg(config, overrides))
 
 
-def table(config: str | Path | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
+def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
     """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
 
-    `config` is a grid YAML file (with `overrides`) or a loaded GridConfig. `on_cell(name, result)` is
+    `config` is a grid YAML file, a dict (as a grid YAML would hold) or a loaded GridConfig, with `overrides`. `on_cell(name, result)` is
     called as each cell finishes (the CLI prints progress with it).
     """
     from cqd.engine.grid import collect, run_grid
     from cqd.reports.table import write_report
 
-    grid = config if isinstance(config, GridConfig) and not overrides else load_grid_config(config, list(overrides))
+    if isinstance(config, GridConfig):
+        config = config if not overrides else config.model_dump()
+    grid = config if isinstance(config, GridConfig) else load_grid_config(config, list(overrides))
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"
     md, summary = write_report(collect(grid), grid, report_dir)

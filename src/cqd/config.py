@@ -199,7 +199,8 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16-mixed on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else 32-true")
     channels_last: bool = True
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
-    devices: int | str = 1
+    devices: int | str = Field(1, description="devices per machine; under torchrun or SLURM: the launcher's")
+    num_nodes: int = Field(1, ge=1, description="machines; under torchrun or SLURM: the launcher's")
     strategy: str = "auto"
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only at the end)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
@@ -510,9 +511,11 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
     return _validate(RunConfig, apply_overrides(data, overrides), str(path or "(defaults)"), overrides)
 
 
-def load_grid_config(path: str | Path, overrides: list[str] = ()) -> GridConfig:
+def load_grid_config(path: str | Path | dict, overrides: list[str] = ()) -> GridConfig:
+    """A GridConfig from a YAML file, or from a dict (the Python API's way in), and `key=value` overrides."""
     overrides = list(overrides) if isinstance(overrides, (list, tuple)) else overrides
-    return _validate(GridConfig, apply_overrides(load_yaml(path), overrides), str(path), overrides)
+    data = path if isinstance(path, dict) else load_yaml(path)
+    return _validate(GridConfig, apply_overrides(data, overrides), "(dict)" if isinstance(path, dict) else str(path), overrides)
 
 
 def run_config(data: dict[str, Any] | RunConfig, overrides: list[str] = ()) -> RunConfig:

@@ -234,7 +234,7 @@ def load_state(target, state, path: str | Path, what: str) -> None:
 # settings that may change between a run and its resumption; any other difference is an error
 RESUMABLE_CHANGES = ("name", "out_dir", "cache_dir", "pretrained", "teacher.pretrained", "teacher.checkpoint",
                      "data.root", "data.num_workers", "train.epochs", "train.eval_every", "train.progress",
-                     "train.accelerator", "train.devices", "train.strategy", "train.precision",
+                     "train.accelerator", "train.devices", "train.num_nodes", "train.strategy", "train.precision",
                      "train.feature_cache_mb")
 FORMAT = "cqd-checkpoint-v2"
 

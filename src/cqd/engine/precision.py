@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 
 import torch
@@ -36,16 +37,38 @@ def resolve_precision(t) -> str:
     return "bf16-mixed" if cpu and cpu_has_bf16() else "32-true"
 
 
+def launcher(t, env=os.environ) -> tuple[object, int, str]:
+    """(devices, num_nodes, strategy): the config's, or the launcher's when cqd runs under torchrun
+    (WORLD_SIZE, LOCAL_WORLD_SIZE) or a SLURM job of several tasks (SLURM_NTASKS, SLURM_NNODES); a
+    config that says otherwise is an error, not N independent runs writing into one out_dir."""
+    if "LOCAL_RANK" in env and int(env.get("WORLD_SIZE", 1)) > 1:
+        world, where = int(env["WORLD_SIZE"]), "torchrun"
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+    elif int(env.get("SLURM_NTASKS", 1)) > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        world, where = int(env["SLURM_NTASKS"]), "SLURM"
+        local = world // int(env.get("SLURM_NNODES", 1))
+    else:
+        return t.devices, t.num_nodes, t.strategy
+    nodes = world // local
+    if (t.devices not in (1, "auto", local)) or t.num_nodes not in (1, nodes):
+        raise ConfigError(f"{where} started {world} processes ({local} per machine on {nodes} machine(s)) but the "
+                          f"config says train.devices={t.devices} train.num_nodes={t.num_nodes}; leave them at 1 "
+                          f"(cqd follows the launcher) or make them match")
+    return local, nodes, "ddp" if t.strategy == "auto" else t.strategy
+
+
 def make_fabric(t, devices=None) -> Fabric:
-    """Fabric for the configured accelerator and devices (`devices` overrides, with the auto strategy)."""
+    """Fabric for the configured accelerator, devices and machines, following torchrun or SLURM when it
+    launched cqd (`devices` overrides: one process with the auto strategy, e.g. for evaluation)."""
     _check_accelerator(t.accelerator)
+    n, nodes, strategy = (devices, 1, "auto") if devices else launcher(t)
     quiet = [logging.getLogger(n) for n in ("lightning.fabric", "lightning.pytorch")]  # its "Using bfloat16 AMP" lines
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.WARNING)
     try:
-        return Fabric(accelerator=t.accelerator, devices=devices or t.devices,
-                      strategy="auto" if devices else t.strategy, precision=resolve_precision(t))
+        return Fabric(accelerator=t.accelerator, devices=n, num_nodes=nodes, strategy=strategy,
+                      precision=resolve_precision(t))
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -225,6 +227,7 @@ class Run:
         if (t.eval_every and (epoch + 1) % t.eval_every == 0) or epoch + 1 == t.epochs:
             row.update(self.evaluate())
         self.history.append(row)
+        self._warn_if_exploding(row)
         if self.method.on_epoch_end(epoch):
             self._optimizers(offset=(epoch + 1) * self.steps_per_epoch)
         self._checkpoint(epoch + 1, 0)
@@ -235,6 +238,16 @@ class Run:
             _write_csv(self.history, self.out / METRICS)
         self.log(f"{self.cfg.name} epoch {epoch + 1}/{t.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         return row
+
+    def _warn_if_exploding(self, row: dict) -> None:
+        """Only NaN/inf stop a run; a cross-entropy far above chance (log K) means it is diverging all the same."""
+        ce, chance = row.get("loss_ce"), math.log(self.num_classes)
+        if ce is not None and ce > 3 * chance and not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(f"{self.cfg.name}: loss_ce={ce:.4g} at epoch {row['epoch']} is far above chance level "
+                          f"(log {self.num_classes} = {chance:.2f}): the run is diverging. Lower train.lr (now "
+                          f"{self.cfg.train.lr:g}) or the method's loss weights (e.g. method.cqd.lam); the paper used "
+                          "lr 0.0005 with lambda 200 (the CUB/Cars presets do)", stacklevel=2)
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics of every network the method evaluates, on the test set (buffers synced first)."""
