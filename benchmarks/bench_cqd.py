@@ -3,7 +3,8 @@
     python benchmarks/bench_cqd.py [--out runs/bench] [--steps 100] [--repeats 3] [--device cpu|cuda]
 
 Measures, in one run, on the same student, data and batch size:
-  1. CQD epoch time / fine-tune (B) epoch time, cached teacher   (target <= 1.10)
+  1. CQD epoch time / fine-tune (B) epoch time, cached teacher   (target <= 1.05); FitNet and
+     attention transfer the same, with the teacher's feature maps cached and computed on the fly
   2. degradation time as a share of the training step time       (target < 5%): T run in the
      step (fresh twins each epoch) and fixed twins looked up (the default: made once before training)
   3. fp32 vs bf16-mixed, channels_last on/off: training images/s
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="training steps per epoch in each measurement")
     ap.add_argument("--repeats", type=int, default=3, help="runs of B and CQD each (the median counts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods-only", action="store_true", help="only the epoch-time ratios (skip degradations and precision)")
     args = ap.parse_args()
     out, dev, steps = Path(args.out), args.device, args.steps
     results: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
@@ -106,18 +108,27 @@ def main() -> None:
     train(run_config(teacher))
     tpath = str(out / "teacher" / "model.pt")
     # B and CQD alternate, `--repeats` times each, and the median counts: CPU timings drift by ~10%
-    runs: dict[str, list] = {"B": [], "cqd_cached": [], "cqd_on_the_fly": []}
+    kinds = {"B": {}, "cqd_cached": {"method__name": "cqd"},
+             "cqd_on_the_fly": {"method__name": "cqd", "train__cache_teacher": False},
+             "fitnet_cached": {"method__name": "fitnet"}, "fitnet_on_the_fly": {"method__name": "fitnet", "train__feature_cache_mb": 0},
+             "at_cached": {"method__name": "at"}, "at_on_the_fly": {"method__name": "at", "train__feature_cache_mb": 0}}
+    runs: dict[str, list] = {k: [] for k in kinds}
     for _ in range(args.repeats):
-        runs["B"].append(run(base(out, "B", steps, dev)))
-        runs["cqd_cached"].append(run(base(out, "cqd_cached", steps, dev, method__name="cqd", teacher={"checkpoint": tpath})))
-        runs["cqd_on_the_fly"].append(run(base(out, "cqd_on_the_fly", steps, dev, method__name="cqd",
-                                               teacher={"checkpoint": tpath}, train__cache_teacher=False)))
-    b, cqd_cached, cqd_fly = (sorted(r, key=lambda m: m["epoch_s"])[len(r) // 2] for r in runs.values())
+        for kind, over in kinds.items():
+            teacher = {"teacher": {"checkpoint": tpath}} if kind != "B" else {}
+            runs[kind].append(run(base(out, kind, steps, dev, **teacher, **over)))
+    median = {k: sorted(r, key=lambda m: m["epoch_s"])[len(r) // 2] for k, r in runs.items()}
+    b, cqd_cached, cqd_fly = median["B"], median["cqd_cached"], median["cqd_on_the_fly"]
+    results["over_B_epoch_time"] = {k: m["epoch_s"] / b["epoch_s"] for k, m in median.items() if k != "B"}
+    results["images_per_s"] = {k: m["images_per_s"] for k, m in median.items()}
     results["cqd_over_B_epoch_time"] = cqd_cached["epoch_s"] / b["epoch_s"]
     results["B_images_per_s"] = b["images_per_s"]
     results["cqd_cached_images_per_s"] = cqd_cached["images_per_s"]
     results["cqd_on_the_fly_images_per_s"] = cqd_fly["images_per_s"]
 
+    if args.methods_only:
+        _report(results, out, b, cqd_cached, cqd_fly, None)
+        return
     step_ms = 64 / b["images_per_s"] * 1000
     results["step_ms"] = step_ms
     results["degradation_ms"] = {s: degradation_ms(s, dev) for s in SPECS}
@@ -132,20 +143,28 @@ def main() -> None:
             prec[key] = run(base(out, f"prec_{p}_{cl}", steps, dev, train__precision=p, train__channels_last=cl))["images_per_s"]
     results["precision_images_per_s"] = prec
 
+    _report(results, out, b, cqd_cached, cqd_fly, prec)
+
+
+def _report(results: dict, out: Path, b: dict, cqd_cached: dict, cqd_fly: dict, prec: dict | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print(f"\ndevice: {results['device']}  torch {results['torch']}  threads {results['threads']}  resnet8, 32 px, batch 64")
     print("| measurement | value | target |\n|---|---|---|")
-    print(f"| CQD (cached f) epoch time / B epoch time | {results['cqd_over_B_epoch_time']:.3f} | <= 1.10 |")
+    print(f"| CQD (cached f) epoch time / B epoch time | {results['cqd_over_B_epoch_time']:.3f} | <= 1.05 |")
+    for k, v in results["over_B_epoch_time"].items():
+        if not k.startswith("cqd"):
+            print(f"| {k} epoch time / B epoch time ({results['images_per_s'][k]:.0f} images/s) | {v:.3f} | |")
     print(f"| B training images/s | {b['images_per_s']:.0f} | |")
     print(f"| CQD cached teacher images/s | {cqd_cached['images_per_s']:.0f} | |")
     print(f"| CQD on-the-fly teacher images/s | {cqd_fly['images_per_s']:.0f} | |")
-    print("| degradation: ms per batch and share of a step, made per step (`fresh_each_epoch`) / fixed twins "
+    if prec is not None:
+        print("| degradation: ms per batch and share of a step, made per step (`fresh_each_epoch`) / fixed twins "
           "(default: made once before training, then looked up) | | < 5% |")
-    for s in SPECS:
+    for s in (SPECS if prec is not None else ()):
         print(f"| `{s}` | {results['degradation_ms'][s]:.2f} ms {100 * results['degradation_share_of_step'][s]:.1f}% / "
               f"{results['fixed_twin_lookup_ms'][s]:.2f} ms {100 * results['fixed_twin_lookup_share_of_step'][s]:.1f}% | |")
-    for k, v in prec.items():
+    for k, v in (prec or {}).items():
         print(f"| training images/s, {k} | {v:.0f} | |")
     print(f"\nwrote {out / 'bench.json'}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,8 +53,16 @@ def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "cqd", "train", *_overrides(cfg),
            "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"DDP run failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group: the ranks die with the launcher
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 0, f"DDP run failed ({p.returncode}):\n{out[-4000:]}\n{err[-6000:]}"
 
 
 def _cfg(tmp: Path, name: str, batch: int, **over) -> dict:

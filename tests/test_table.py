@@ -93,9 +93,17 @@ def test_two_processes_share_one_grid(tmp_path, tiny_config):
 
     cfg = _grid(tmp_path, tiny_config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]  # files: a full pipe would block a process
     procs = [subprocess.Popen([sys.executable, "-m", "cqd", "table", "--config", cfg], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+                              stdout=log, stderr=subprocess.STDOUT, text=True) for log in logs]
+    try:
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    outs = [(log.seek(0), log.read())[1] for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outs
     names = [line.split(" epoch 1/1: ")[0] for out in outs for line in out.splitlines() if " epoch 1/1: " in line]
     assert len(names) == len(set(names)) == 1 + 2 * 4, names  # teacher + 4 trained rows per column, none twice
@@ -112,15 +120,28 @@ def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_on
     lock = Path(cfg.out_dir) / ".lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"host": "another-host", "pid": 1234}))
-    said = []
-    worker = threading.Thread(target=run_grid, args=(grid,), kwargs={"poll_s": 0.05, "note_s": 0.2, "log": said.append})
+    said, errors = [], []
+
+    def work():
+        try:
+            run_grid(grid, poll_s=0.05, note_s=0.2, log=said.append)
+        except BaseException as e:  # a thread's exception would otherwise never reach the test
+            errors.append(e)
+
+    worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    while not said and worker.is_alive():
-        worker.join(0.05)
-    assert said and str(lock) in said[0] and "host another-host, pid 1234" in said[0] and "delete it" in said[0]
-    assert not (Path(cfg.out_dir) / "result.json").exists()
-    lock.unlink()  # what the user does once the other host's process is gone
+    try:
+        while not said and worker.is_alive():
+            worker.join(0.05)
+        if errors:
+            raise errors[0]
+        assert said and str(lock) in said[0] and "host another-host, pid 1234" in said[0] and "delete it" in said[0]
+        assert not (Path(cfg.out_dir) / "result.json").exists()
+    finally:
+        lock.unlink(missing_ok=True)  # what the user does once the other host's process is gone
     worker.join(120)
+    if errors:
+        raise errors[0]
     assert not worker.is_alive() and (Path(cfg.out_dir) / "result.json").is_file()
 
 
