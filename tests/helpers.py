@@ -11,3 +11,17 @@ def nested(cfg: dict, **over) -> dict:
             node = node.setdefault(k, {})
         node[last] = value
     return cfg
+
+
+def interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
+    """A KeyboardInterrupt right after the trainer wrote metrics.csv for epoch `epochs_done` (its checkpoint is written)."""
+    from cqd.engine import trainer
+
+    real = trainer._write_csv
+
+    def write(history, path):
+        real(history, path)
+        if len(history) == epochs_done:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_write_csv", write)

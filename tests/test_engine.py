@@ -30,7 +30,7 @@ from cqd.engine.trainer import train
 from cqd.errors import ConfigError
 from cqd.methods.base import Method
 from cqd.models import create_model
-from helpers import nested
+from helpers import interrupt_after_epoch, nested
 
 METHODS = ["hq", "lq", "augment", "staged", "cqd"]
 
@@ -272,17 +272,6 @@ def _interrupt_before(monkeypatch, epoch: int, step: int) -> None:
     monkeypatch.setattr(trainer, "make_maker", make)
 
 
-def _interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
-    real = trainer._write_csv
-
-    def write(history, path):
-        real(history, path)
-        if len(history) == epochs_done:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_write_csv", write)
-
-
 def _sigint_after_optimizer_step(monkeypatch, n: int) -> None:
     """SIGINT arrives right after the n-th optimizer update, before the loop has counted it."""
     real = torch.optim.SGD.step
@@ -309,7 +298,7 @@ def test_resume_is_bit_exact(how, ck_epoch, ck_step, root, teacher, reference, m
     handler = signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as m:
         if how == "end_of_epoch":
-            _interrupt_after_epoch(m, 1)
+            interrupt_after_epoch(m, 1)
         elif how == "mid_epoch":
             _interrupt_before(m, 1, 2)
         else:

@@ -23,7 +23,7 @@ from cqd.errors import ConfigError
 from cqd.methods import METHODS, Method, Phase
 from cqd.models import create_model
 from cqd.models.taps import FeatureTaps, last_feature_map
-from helpers import nested
+from helpers import interrupt_after_epoch, nested
 
 
 def cfg_for(root: Path, name: str, **over) -> dict:
@@ -44,17 +44,6 @@ def root(tmp_path_factory) -> Path:
 def teacher(root) -> str:
     train(cfg_for(root, "teacher", method__name="hq", train__epochs=1, train__max_steps_per_epoch=4))
     return str(root / "teacher" / "model.pt")
-
-
-def _interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
-    real = trainer._write_csv
-
-    def write(history, path):
-        real(history, path)
-        if len(history) == epochs_done:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_write_csv", write)
 
 
 def _interrupt_at_step(monkeypatch, n: int) -> None:
@@ -129,7 +118,7 @@ def test_fitnet_regressor_is_optimized_checkpointed_and_resume_is_bit_exact(root
     assert {"loss_ce", "loss_hint"} <= set(ref["history"][-1])
     cfg = cfg_for(root, "fitnet-cut", method__name="fitnet", teacher__checkpoint=teacher)
     with monkeypatch.context() as m:
-        _interrupt_after_epoch(m, 1)
+        interrupt_after_epoch(m, 1)
         with pytest.raises(KeyboardInterrupt):
             train(copy.deepcopy(cfg))
     after_one = _state(Path(cfg["out_dir"]) / "last.ckpt")
@@ -191,7 +180,7 @@ def test_multi_phase_and_changing_students_resume_bit_exactly(name, cut, root, m
     ref = train(cfg_for(root, f"{name}-ref", method__name=name))
     cfg = cfg_for(root, f"{name}-{cut}", method__name=name)
     with monkeypatch.context() as m:
-        _interrupt_at_step(m, 5) if cut == "mid_epoch" else _interrupt_after_epoch(m, 1)  # 5th batch: epoch 2, step 2
+        _interrupt_at_step(m, 5) if cut == "mid_epoch" else interrupt_after_epoch(m, 1)  # 5th batch: epoch 2, step 2
         with pytest.raises(KeyboardInterrupt):
             train(copy.deepcopy(cfg))
     ck = load_checkpoint(Path(cfg["out_dir"]) / "last.ckpt")
@@ -316,7 +305,7 @@ def test_a_last_ckpt_of_the_first_format_resumes(root, monkeypatch):
     ref = train(cfg_for(root, "v1-ref", method__name="lq"))
     cfg = cfg_for(root, "v1", method__name="lq")
     with monkeypatch.context() as m:
-        _interrupt_after_epoch(m, 1)
+        interrupt_after_epoch(m, 1)
         with pytest.raises(KeyboardInterrupt):
             train(copy.deepcopy(cfg))
     path = Path(cfg["out_dir"]) / "last.ckpt"

@@ -15,8 +15,7 @@ from torch import Tensor
 from cqd.methods import METHODS
 from cqd.methods.base import Method
 from cqd.methods.cqd import KDParams, kd_term
-from cqd.methods.fitnet import probe
-from cqd.models.taps import FeatureTaps
+from cqd.models.taps import FeatureTaps, probe
 
 
 class ATParams(KDParams):

@@ -9,7 +9,6 @@ beta = 100 is mdistiller's CIFAR setting for this MSE (mean over elements).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
@@ -17,7 +16,7 @@ from torch import nn
 from cqd.methods import METHODS
 from cqd.methods.base import Method
 from cqd.methods.cqd import KDParams, kd_term
-from cqd.models.taps import FeatureTaps, last_feature_map
+from cqd.models.taps import FeatureTaps, probe
 
 
 class FitNetParams(KDParams):
@@ -25,21 +24,6 @@ class FitNetParams(KDParams):
     hint: str | None = Field(None, description="student layer (module path); default: its last feature map")
     guided: str | None = Field(None, description="teacher layer (module path); default: its last feature map")
     lam: float = Field(0.0, ge=0, description="weight of Eq. 1's logit term (0: feature loss only)")
-
-
-@torch.no_grad()
-def probe(model: nn.Module, layer: str, sample: torch.Tensor, what: str) -> tuple[str, torch.Size]:
-    """(layer, its output's shape on `sample`): the named layer, or the last feature map when None."""
-    layer = layer or last_feature_map(model, sample)
-    taps = FeatureTaps(model, [layer], what)
-    was = model.training
-    try:
-        model.eval()
-        model(sample)
-    finally:
-        model.train(was)
-        taps.remove()
-    return layer, taps.out[layer].shape
 
 
 @METHODS.register("fitnet")

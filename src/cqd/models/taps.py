@@ -62,12 +62,9 @@ def last_feature_map(model: nn.Module, sample: Tensor) -> str:
         return keep
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    was = model.training
     try:
-        model.eval()
-        model(sample)
+        _eval_forward(model, sample)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     if not seen:
@@ -76,3 +73,26 @@ def last_feature_map(model: nn.Module, sample: Tensor) -> str:
     last = (spatial or [t for _, t in seen])[-1]
     same = [n for n, t in seen if t is last]
     return min(same, key=lambda n: n.count("."))
+
+
+@torch.no_grad()
+def _eval_forward(model: nn.Module, sample: Tensor) -> None:
+    """One forward in eval mode (BatchNorm statistics untouched), the model's mode restored after."""
+    was = model.training
+    try:
+        model.eval()
+        model(sample)
+    finally:
+        model.train(was)
+
+
+def probe(model: nn.Module, layer: str | None, sample: Tensor, what: str) -> tuple[str, torch.Size]:
+    """(layer, its output's shape on `sample`): the named layer, or the last feature map when None;
+    a method sizes the parts it adds with it."""
+    layer = layer or last_feature_map(model, sample)
+    taps = FeatureTaps(model, [layer], what)
+    try:
+        _eval_forward(model, sample)
+    finally:
+        taps.remove()
+    return layer, taps.out[layer].shape
