@@ -32,8 +32,9 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, T: float)
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """Mean over the batch of KL(softmax(t/T) || softmax(s/T)) = CE_T - H(softmax(t/T))."""
-    log_q = F.log_softmax(fp32(teacher_logits) / T, dim=1)
-    return (log_q.exp() * (log_q - F.log_softmax(fp32(student_logits) / T, dim=1))).sum(1).mean()
+    t = fp32(teacher_logits) / T
+    q = F.softmax(t, dim=1)  # as in CE_T, so the student's gradient is CE_T's to the last bit
+    return (q * (F.log_softmax(t, dim=1) - F.log_softmax(fp32(student_logits) / T, dim=1))).sum(1).mean()
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 10.0,
