@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from cqd.errors import ConfigError
 
@@ -62,7 +62,7 @@ def make_fabric(t, devices=None) -> Fabric:
     launched cqd (`devices` overrides: one process with the auto strategy, e.g. for evaluation)."""
     _check_accelerator(t.accelerator)
     n, nodes, strategy = (devices, 1, "auto") if devices else launcher(t)
-    quiet = [logging.getLogger(n) for n in ("lightning.fabric", "lightning.pytorch")]  # its "Using bfloat16 AMP" lines
+    quiet = [logging.getLogger(n) for n in ("lightning_fabric", "lightning.fabric")]  # its "Using bfloat16 AMP" lines
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.WARNING)

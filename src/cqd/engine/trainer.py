@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from cqd.config import RunConfig, run_config
 from cqd.engine import classification, phases
