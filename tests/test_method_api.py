@@ -134,7 +134,6 @@ def test_fitnet_regressor_is_optimized_checkpointed_and_resume_is_bit_exact(root
 
 # --- several phases, and a student that changes between epochs ----------------------------------
 
-@METHODS.register("_test_two_phase")
 class TwoPhase(Method):
     """Phase main: CE on z for the student (SGD). Phase aux (Adam, lr x 0.5): a probe on the detached logits."""
 
@@ -153,7 +152,6 @@ class TwoPhase(Method):
         return logits, {"loss_probe": self.ce(self.probe(logits.detach()), step.pair.y)}
 
 
-@METHODS.register("_test_grows")
 class Grows(Method):
     """After epoch 1 the student's head becomes Linear -> ReLU -> head (new weights, seeded by the epoch)."""
 
@@ -172,6 +170,16 @@ class Grows(Method):
     def forward(self, step):
         logits = self.student(step.pair.z)
         return logits, {"loss_ce": self.ce(logits, step.pair.y)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_methods():
+    """The two test methods are registered for this module only (other tests list the known methods)."""
+    for name, cls in (("_test_two_phase", TwoPhase), ("_test_grows", Grows)):
+        METHODS.register(name)(cls)
+    yield
+    for name in ("_test_two_phase", "_test_grows"):
+        METHODS._items.pop(name)
 
 
 @pytest.mark.parametrize("name", ["_test_two_phase", "_test_grows"])
