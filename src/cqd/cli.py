@@ -1,4 +1,8 @@
-"""The `cqd` command. Every user mistake is one clear paragraph and a non-zero exit (--debug: traceback)."""
+"""The `cqd` command. Every user mistake is one clear paragraph and a non-zero exit (--debug: traceback).
+
+Each command reads its config before it imports the engine or the figures, so a config error comes
+before seconds of imports (lightning_fabric, torchmetrics, matplotlib); `cqd --help` imports none of them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,27 +28,34 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    from cqd.config import load_run_config
+
+    cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import train
 
-    res = train(args.config, *_overrides(args), resume=args.resume)
+    res = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
         print(json.dumps({k: res[k] for k in ("name", "method", "degradation", "acc_hq", "acc_lq", "wall_s", "images_per_s")}, indent=2))
     return 0
 
 
 def cmd_eval(args) -> int:
+    from cqd.config import load_run_config
+
+    cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import evaluate
 
-    print(json.dumps(evaluate(args.model, args.config, *_overrides(args)), indent=2))
+    print(json.dumps(evaluate(args.model, cfg), indent=2))
     return 0
 
 
 def cmd_show(args) -> int:
     from cqd.config import load_run_config
+
+    cfg = load_run_config(args.config, _overrides(args))
     from cqd.data import DATASETS
     from cqd.reports.figures import degradation_grid
 
-    cfg = load_run_config(args.config, _overrides(args))
     ds = DATASETS.get(cfg.data.name)(cfg.data.root, "test", cfg.data.image_size, on_corrupt=cfg.data.on_corrupt)
     specs = args.specs or DEMO_SPECS
     out = degradation_grid(ds, specs, args.out, n=args.n, hq_view=cfg.data.hq_view, seed=cfg.data.seed)
@@ -55,11 +66,12 @@ def cmd_show(args) -> int:
 def _run_table(config: str, overrides: list[str], force: bool) -> int:
     import time
 
-    from cqd.api import table
     from cqd.config import load_grid_config
-    from cqd.engine.grid import plan
 
     grid = load_grid_config(config, overrides)
+    from cqd.api import table
+    from cqd.engine.grid import plan
+
     total, t0 = len(plan(grid, Path(grid.out_dir))), time.perf_counter()
     done = [0]
 
@@ -79,10 +91,11 @@ def cmd_table(args) -> int:
 
 
 def cmd_multires(args) -> int:
-    from cqd.analysis.multires import multires
     from cqd.config import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
+    from cqd.analysis.multires import multires
+
     res = multires(cfg)
     q = res["router_accuracy"]
     print(f"\n{cfg.data.degradation}, {res['n_test']} test images per view (accuracy %):\n{res['table']}"
@@ -92,10 +105,11 @@ def cmd_multires(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from cqd.analysis.saliency import explain
     from cqd.config import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
+    from cqd.analysis.saliency import explain
+
     res = explain(cfg, n=args.n)
     print(f"\n{res['n']} test images: mean tau_B={res['mean_tau_B']:.3f}, mean tau_CQD={res['mean_tau_CQD']:.3f}, "
           f"tau_CQD > tau_B on {100 * res['share_tau_CQD_above_B']:.1f}% of them")
@@ -159,7 +173,21 @@ def _positive_int(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in cqd's one-paragraph form."""
+    """argparse, with its errors in cqd's one-paragraph form, and a subcommand's options accepted
+    anywhere on the line (plain argparse refuses `--n 8` after a key=value override)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse calls this for the chosen subcommand; intermixed parsing cannot take subcommands
+        # itself, and calls this again for each of its two passes (the flag stops the recursion)
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
     def error(self, message: str):
         self.exit(2, f"cqd: error: {message}\n(usage: {self.format_usage().strip().removeprefix('usage: ')}; "
