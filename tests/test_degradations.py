@@ -211,6 +211,52 @@ def test_edges_are_sparse_lines_on_the_shapes_boundaries():
         assert dilate(on)[boundary].float().mean() > 0.9
 
 
+def _hysteresis_by_flood_fill(edges: torch.Tensor) -> torch.Tensor:
+    """Canny's hysteresis written plainly: a breadth-first flood from every strong pixel through
+    8-connected weak ones, image by image (independent of both kornia's and cqd's code)."""
+    out = torch.zeros_like(edges)
+    for b in range(edges.shape[0]):
+        e = edges[b, 0].tolist()
+        h, w = len(e), len(e[0])
+        seen = [[False] * w for _ in range(h)]
+        todo = [(i, j) for i in range(h) for j in range(w) if e[i][j] == 1]
+        for i, j in todo:
+            seen[i][j] = True
+        while todo:
+            i, j = todo.pop()
+            out[b, 0, i, j] = 1
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    a, c = i + di, j + dj
+                    if 0 <= a < h and 0 <= c < w and not seen[a][c] and e[a][c] > 0:
+                        seen[a][c] = True
+                        todo.append((a, c))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_edges_hysteresis_matches_a_flood_fill_and_kornias(seed):
+    """The connected-component hysteresis keeps exactly the weak pixels that reach a strong one."""
+    import kornia
+
+    from cqd.degradations.edges import hysteresis
+
+    g = torch.Generator().manual_seed(seed)
+    # weak (0.5) and strong (1) candidates, dense enough for long chains that touch the borders and
+    # cross between rows, several images so that no component leaks from one image into the next
+    edges = (torch.rand(3, 1, 23, 31, generator=g) < 0.45).float() * 0.5
+    edges[torch.rand(edges.shape, generator=g) < 0.02] = 1.0
+    edges[1] = 0.5 * (edges[1] > 0)  # an image with weak pixels only: nothing survives
+    expected = _hysteresis_by_flood_fill(edges)
+    got = hysteresis(edges)
+    assert torch.equal(got, expected)
+    assert expected[1].sum() == 0 and 0 < expected.sum() < (edges > 0).sum()
+    x = torch.rand(2, 1, 40, 40, generator=g)
+    _, unlinked = kornia.filters.canny(x, 0.1, 0.2, hysteresis=False)
+    _, linked = kornia.filters.canny(x, 0.1, 0.2, hysteresis=True)
+    assert torch.equal(hysteresis(unlinked), linked)
+
+
 def test_edges_structured_model_runs_the_opencv_detector(tmp_path, monkeypatch):
     model = tmp_path / "model.yml.gz"
     model.write_bytes(b"not really a model")
