@@ -1,7 +1,7 @@
 """The `cqd` command. Every user mistake is one clear paragraph and a non-zero exit (--debug: traceback).
 
 Each command reads its config before it imports the engine or the figures, so a config error comes
-before seconds of imports (lightning_fabric, torchmetrics, matplotlib); `cqd --help` imports none of them.
+before seconds of imports (torchvision, lightning_fabric, matplotlib); `cqd --help` imports none of them.
 """
 from __future__ import annotations
 

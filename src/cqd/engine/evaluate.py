@@ -21,5 +21,5 @@ def evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
         model, _ = load_model(model_path, classes, base_test.in_chans)
         loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test), use_distributed_sampler=False)
         res = classification.evaluate({"": fabric.setup_module(model)}, method.eval_views,
-                                      loader, make_maker(cfg, base_test), fabric, classes)
+                                      loader, make_maker(cfg, base_test), fabric)
         return {"model": str(model_path), "degradation": cfg.data.degradation, "n_test": len(test_ds), **res}

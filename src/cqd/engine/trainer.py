@@ -257,7 +257,7 @@ class Run:
             for b in self.method.buffers():
                 torch.distributed.broadcast(b.data, src=0)
         return classification.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
-                                       self.test_maker, self.fabric, self.num_classes)
+                                       self.test_maker, self.fabric)
 
     def _checkpoint(self, epoch: int, step: int, sums: dict | None = None, n: int = 0) -> None:
         if self.fabric.is_global_zero:
