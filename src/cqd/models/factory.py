@@ -1,7 +1,8 @@
 """`create_model`: one entry point for the small CIFAR nets, `tv:NAME` and `timm:NAME` models.
 
 Every model comes back with a new `num_classes`-way head, an `in_chans`-channel stem, and
-`num_classes` / `in_chans` attributes. Weights come from the library's download
+`num_classes` / `in_chans` / `model_name` attributes (a method that trains more networks of the
+same kind, e.g. deep mutual learning, builds them from the name). Weights come from the library's download
 (`pretrained=True`, tv/timm only) or from a file (`pretrained="path"`, any model); a file must fit
 the model exactly except for a classifier head of another size, which is left freshly initialised,
 and a 3-channel stem, which is adapted to `in_chans`.
@@ -63,7 +64,7 @@ def create_model(
         model = builder(num_classes, in_chans)
     if isinstance(pretrained, str):
         _load_file(model, pretrained, name)
-    model.num_classes, model.in_chans = num_classes, in_chans
+    model.num_classes, model.in_chans, model.model_name = num_classes, in_chans, name
     return model
 
 
