@@ -46,6 +46,13 @@ def _paragraph(msg: str) -> str:
     return re.sub(r"\n\s*\n+", "\n", msg.strip())
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator reports a failed allocation as a plain RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory" / "not enough memory"), not as torch.OutOfMemoryError as CUDA does."""
+    return isinstance(e, RuntimeError) and bool(
+        re.search(r"can't allocate memory|not enough memory|out of memory", str(e), re.IGNORECASE))
+
+
 def describe(e: BaseException) -> tuple[str, int]:
     """(what `cqd` prints on stderr, exit code) for an exception that ended a command."""
     if isinstance(e, KeyboardInterrupt):
@@ -56,7 +63,7 @@ def describe(e: BaseException) -> tuple[str, int]:
         what = e.strerror or str(e) or type(e).__name__
         names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         return f"cqd: error: {names + ': ' if names else ''}{what} (check the path and its permissions)", EXIT_USER
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or _out_of_memory(e):
         return ("cqd: error: out of memory; lower train.batch_size, data.image_size or data.num_workers "
                 "(or use a bigger device)"), EXIT_USER
     first = (str(e).strip().splitlines() or [""])[0][:300]
