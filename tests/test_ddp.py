@@ -48,8 +48,8 @@ def _overrides(cfg: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300, **env_over) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_over}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "cqd", "train", *_overrides(cfg),
            "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
@@ -121,11 +121,33 @@ def _init_weights() -> dict[str, torch.Tensor]:
     return create_model("timm:convnext_zepto_rms", 10, 1).state_dict()
 
 
+# Loaded by each process of the DDP run (a sitecustomize on its PYTHONPATH): records, per rank, the sum of
+# every tensor handed to torch.distributed.broadcast before the broadcast overwrites it.
+SPY = """
+import os
+import torch.distributed as dist
+_broadcast = dist.broadcast
+def broadcast(tensor, src=0, *args, **kwargs):
+    with open(os.environ["CQD_TEST_SPY"] + "." + str(dist.get_rank()), "a") as f:
+        f.write(repr(float(tensor.double().sum())) + "\\n")
+    return _broadcast(tensor, src, *args, **kwargs)
+dist.broadcast = broadcast
+"""
+
+
 def test_ddp_batchnorm_evaluates_like_the_saved_model(tmp_path):
     """resnet8 (BatchNorm) under DDP: the accuracy logged over the two test shards is the accuracy of
-    model.pt (rank 0's weights and BatchNorm statistics) evaluated in one process."""
+    model.pt (rank 0's weights and BatchNorm statistics) evaluated in one process; and the ranks' BatchNorm
+    statistics did differ before the sync, so without it the ranks would evaluate different networks."""
+    spy_dir = tmp_path / "spy"
+    spy_dir.mkdir()
+    (spy_dir / "sitecustomize.py").write_text(SPY)
     cfg = _cfg(tmp_path, "ddp-bn", batch=16, model="resnet8", train__lr=0.05)
-    _launch_ddp(cfg, tmp_path)
+    _launch_ddp(cfg, tmp_path, CQD_TEST_SPY=str(tmp_path / "broadcast"),
+                PYTHONPATH=os.pathsep.join(filter(None, [str(spy_dir), os.environ.get("PYTHONPATH")])))
+    before = [(tmp_path / f"broadcast.{rank}").read_text().split() for rank in (0, 1)]
+    assert len(before[0]) == len(before[1]) > 0  # the sync ran, on both ranks, for the same buffers
+    assert before[0] != before[1]  # and had something to do: rank 1's statistics were its own
     res = json.loads((tmp_path / "ddp-bn" / "result.json").read_text())
     assert res["world_size"] == 2 and len(res["history"]) == 2
     ev = evaluate_saved(tmp_path / "ddp-bn" / "model.pt", run_config(cfg))
