@@ -48,10 +48,11 @@ def _overrides(cfg: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300, **env_over) -> None:
+def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300, resume: bool = False, ok: bool = True, **env_over) -> str:
+    """Runs `cqd train` in 2 CPU processes under torchrun; returns its stdout and stderr (asserts success if `ok`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_over}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "cqd", "train", *_overrides(cfg),
+           "--master_port", str(_free_port()), "-m", "cqd", "train", *(["--resume"] if resume else []), *_overrides(cfg),
            "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # its own process group: the ranks die with the launcher
@@ -62,7 +63,9 @@ def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300, **env_over) -> None:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert p.returncode == 0, f"DDP run failed ({p.returncode}):\n{out[-4000:]}\n{err[-6000:]}"
+    if ok:
+        assert p.returncode == 0, f"DDP run failed ({p.returncode}):\n{out[-4000:]}\n{err[-6000:]}"
+    return out + err
 
 
 def _cfg(tmp: Path, name: str, batch: int, **over) -> dict:
@@ -114,6 +117,51 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, teacher
         assert abs(ddp[v] - single[v]) <= 1 / N_TEST + 1e-9, (v, ddp[v], single[v])
 
 
+# Loaded by each process of a DDP run (a sitecustomize on its PYTHONPATH): rank 1 alone gets a SIGINT right
+# after its optimizer step number CQD_TEST_SIGINT_AT, as when a signal reaches one rank, or the ranks at
+# different points of their steps.
+SIGINT_ON_RANK_1 = """
+import os, signal
+import torch.optim
+_step, _count = torch.optim.SGD.step, [0]
+def step(self, *args, **kwargs):
+    out = _step(self, *args, **kwargs)
+    _count[0] += 1
+    if os.environ.get("RANK") == "1" and _count[0] == int(os.environ["CQD_TEST_SIGINT_AT"]):
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+torch.optim.SGD.step = step
+"""
+
+
+def _sitecustomize(tmp_path: Path, code: str) -> str:
+    """A PYTHONPATH whose sitecustomize runs `code` in every process started with it."""
+    folder = tmp_path / "site"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+
+
+def test_ddp_interrupt_on_one_rank_stops_every_rank_at_one_step_and_resume_equals_one_process(tmp_path):
+    """A SIGINT that reaches rank 1 only, mid-epoch: both ranks stop after the same step (no rank left
+    waiting in an all-reduce), rank 0 saves last.ckpt with its loss sums, and `--resume` under DDP ends
+    with the weights of the uninterrupted one-process run on the double batch."""
+    cfg = _cfg(tmp_path, "ddp", batch=16)
+    out = _launch_ddp(cfg, tmp_path, timeout=120, ok=False, CQD_TEST_SIGINT_AT="4",
+                      PYTHONPATH=_sitecustomize(tmp_path, SIGINT_ON_RANK_1))
+    assert "interrupted: saved" in out, out[-6000:]
+    ck = load_checkpoint(tmp_path / "ddp" / "last.ckpt")
+    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 1), (ck["epoch"], ck["step_in_epoch"])  # 3 + 1 steps done
+    assert not (tmp_path / "ddp" / "model.pt").exists()
+    _launch_ddp(cfg, tmp_path, resume=True)
+    single = train(_cfg(tmp_path, "single", batch=32))
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    a, b = load_checkpoint(tmp_path / "ddp" / "model.pt")["model"], load_checkpoint(tmp_path / "single" / "model.pt")["model"]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= WEIGHT_ATOL
+    for d, s in zip(ddp["history"], single["history"], strict=True):
+        assert d["loss_ce"] == pytest.approx(s["loss_ce"], rel=1e-4)  # epoch 1's sums: rank 0's saved + resumed
+
+
 def _init_weights() -> dict[str, torch.Tensor]:
     from cqd.models import create_model
 
@@ -139,12 +187,8 @@ def test_ddp_batchnorm_evaluates_like_the_saved_model(tmp_path):
     """resnet8 (BatchNorm) under DDP: the accuracy logged over the two test shards is the accuracy of
     model.pt (rank 0's weights and BatchNorm statistics) evaluated in one process; and the ranks' BatchNorm
     statistics did differ before the sync, so without it the ranks would evaluate different networks."""
-    spy_dir = tmp_path / "spy"
-    spy_dir.mkdir()
-    (spy_dir / "sitecustomize.py").write_text(SPY)
     cfg = _cfg(tmp_path, "ddp-bn", batch=16, model="resnet8", train__lr=0.05)
-    _launch_ddp(cfg, tmp_path, CQD_TEST_SPY=str(tmp_path / "broadcast"),
-                PYTHONPATH=os.pathsep.join(filter(None, [str(spy_dir), os.environ.get("PYTHONPATH")])))
+    _launch_ddp(cfg, tmp_path, CQD_TEST_SPY=str(tmp_path / "broadcast"), PYTHONPATH=_sitecustomize(tmp_path, SPY))
     before = [(tmp_path / f"broadcast.{rank}").read_text().split() for rank in (0, 1)]
     assert len(before[0]) == len(before[1]) > 0  # the sync ran, on both ranks, for the same buffers
     assert before[0] != before[1]  # and had something to do: rank 1's statistics were its own

@@ -5,6 +5,8 @@ import signal
 import sys
 from contextlib import contextmanager
 
+import torch
+
 
 class StopRequest:
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop at the next step boundary.
@@ -13,6 +15,11 @@ class StopRequest:
     counter, and the checkpoint then holds weights one step ahead of its `step_in_epoch` (a resumed
     run repeats that batch). Deferring to `check()` keeps the saved state consistent; a second
     signal stops at once.
+
+    Under DDP every rank must stop at the same step: a rank that stopped alone would leave the others
+    waiting forever in the next step's gradient all-reduce (a signal reaches the ranks at different
+    points of their steps, or reaches one rank only). So `check(fabric)` sums the ranks' requests with
+    one scalar all-reduce per step (a device sync on GPU; none with a single process).
     """
 
     def __init__(self):
@@ -24,8 +31,12 @@ class StopRequest:
         self.requested = True
         print("cqd: stopping after this step (signal again to stop now)", file=sys.stderr, flush=True)
 
-    def check(self) -> None:
-        if self.requested:
+    def check(self, fabric=None) -> None:
+        requested = self.requested
+        if fabric is not None and fabric.world_size > 1:
+            flag = torch.tensor(float(requested), device=fabric.device)
+            requested = bool(fabric.all_reduce(flag, reduce_op="sum") > 0)
+        if requested:
             raise KeyboardInterrupt
 
 

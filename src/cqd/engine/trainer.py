@@ -134,7 +134,7 @@ class Run:
                                       "use another out_dir or drop --resume")
             for name, target in have.items():
                 load_state(target, ck[kind][name], path, f"{kind[:-1]} {name!r}")
-        if self.start_step:  # only rank 0's sums were saved: the other ranks start at zero (same keys, for all_reduce)
+        if self.start_step:  # the saved sums are all ranks': rank 0 takes them, the others start at zero (same keys, for all_reduce)
             zero = not self.fabric.is_global_zero
             self.partial = ({k: 0.0 if zero else v for k, v in ck.get("epoch_sums", {}).items()}, 0 if zero else ck.get("epoch_n", 0))
         self.log(f"resuming {self.out} at epoch {self.start_epoch} step {self.start_step}")
@@ -159,7 +159,7 @@ class Run:
                     self.epoch_t0, self.n_new = time.perf_counter(), 0
                     bar = self._bar(epoch, step)
                     for batch in self.loader:
-                        stop.check()
+                        stop.check(fabric)
                         if self.at["step"] >= self.steps_per_epoch:
                             break
                         loss = self._step(batch, epoch)
@@ -260,6 +260,10 @@ class Run:
                                        self.test_maker, self.fabric)
 
     def _checkpoint(self, epoch: int, step: int, sums: dict | None = None, n: int = 0) -> None:
+        if sums and self.fabric.world_size > 1:  # mid-epoch (every rank stopped at this step): save all ranks' sums
+            total = self.fabric.all_reduce(torch.stack([*sums.values(), torch.tensor(float(n), device=self.fabric.device)]).float(),
+                                           reduce_op="sum")
+            sums, n = dict(zip(sums, total[:-1])), int(total[-1])
         if self.fabric.is_global_zero:
             save_checkpoint({"format": FORMAT, "model_name": self.cfg.model, "num_classes": self.num_classes,
                              "in_chans": self.in_chans, "model": self.method.deployable().state_dict(),
