@@ -50,3 +50,20 @@ def test_help_and_import_load_no_torch():
             "print(rc, sorted(m for m in ('torch', 'lightning', 'lightning_fabric') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.split() == ["0", "[]"]
+
+
+def test_overrides_typed_after_specs_are_overrides_not_specs(monkeypatch):
+    """`--specs` takes every word after it; key=value words among them go to the config, specs stay specs."""
+    import cqd.reports.figures
+
+    seen = {}
+
+    def grid(ds, specs, out, **kw):
+        seen.update(specs=specs, size=ds.image_size)
+        return out
+
+    monkeypatch.setattr(cqd.reports.figures, "degradation_grid", grid)
+    argv = ["show-degradations", "--specs", "blur", "clutter:min_scale=0.5,max_scale=0.8+lowres:size=8",
+            "data.image_size=16", "--out", "o.png"]
+    assert cli.main(argv) == 0
+    assert seen == {"specs": ["blur", "clutter:min_scale=0.5,max_scale=0.8+lowres:size=8"], "size": 16}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def cmd_eval(args) -> int:
 def cmd_show(args) -> int:
     from cqd.config import load_run_config
 
+    # `--specs` takes every word after it; the ones shaped key=value (no ':' before the '=', which every
+    # spec with parameters has) are overrides typed after the specs
+    words = args.specs or []
+    args.specs = [w for w in words if not re.match(r"[A-Za-z_][\w.]*=", w)]
+    args.overrides = [*args.overrides, *(w for w in words if w not in args.specs)]
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.data import DATASETS
     from cqd.reports.figures import degradation_grid
