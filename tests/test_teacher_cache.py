@@ -186,7 +186,7 @@ def test_each_part_of_the_key_makes_a_miss(part, teacher, cub_teacher, tmp_path,
             assert not torch.allclose(want, other, atol=1e-3), "the change does not change f(x): the case is moot"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_logits"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_logits", "not_a_tensor"])
 def test_a_corrupt_cache_file_is_rebuilt_not_a_crash(damage, teacher, tmp_path, monkeypatch, capsys):
     spy = Spy(monkeypatch)
     train(make_cfg(tmp_path, "first", teacher__checkpoint=teacher))
@@ -196,12 +196,15 @@ def test_a_corrupt_cache_file_is_rebuilt_not_a_crash(damage, teacher, tmp_path, 
         path.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 50)
-    else:
+    elif damage == "no_logits":
         torch.save({"something": torch.zeros(3)}, path)
+    else:
+        torch.save({"logits": [0.0, 1.0]}, path)
     capsys.readouterr()
     spy.reset()
     cfg = make_cfg(tmp_path, "second", teacher__checkpoint=teacher)
-    train(copy.deepcopy(cfg))
+    with pytest.warns(UserWarning, match=f"{path}: unreadable teacher cache .*; computing it again"):
+        train(copy.deepcopy(cfg))
     assert f"teacher 0 logits: computed and cached ({tmp_path / 'cache'}/{path.name})" in capsys.readouterr().out
     assert spy.passes == 1 and list(tables(tmp_path / "cache")) == [path]
     table = load_checkpoint(path)["logits"]  # a complete file again

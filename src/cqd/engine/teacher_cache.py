@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,8 +37,12 @@ def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Ten
     path = Path(cache_dir) / f"teacher-{key}.pt"
     if path.is_file():
         try:
-            return load_checkpoint(path)["logits"], True
-        except (CheckpointError, KeyError):
+            table = load_checkpoint(path)["logits"]
+            if not isinstance(table, Tensor):
+                raise TypeError(f"'logits' is a {type(table).__name__}, not a tensor")
+            return table, True
+        except (CheckpointError, KeyError, TypeError) as e:
+            warnings.warn(f"{path}: unreadable teacher cache ({type(e).__name__}: {e}); computing it again", stacklevel=2)
             path.unlink(missing_ok=True)
     table = compute()
     save_checkpoint({"logits": table.cpu()}, path)
