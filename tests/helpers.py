@@ -1,6 +1,8 @@
 """Helpers shared by test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def nested(cfg: dict, **over) -> dict:
     """Set nested keys written with `__`: nested(cfg, train__epochs=3) sets cfg['train']['epochs']."""
@@ -25,3 +27,15 @@ def interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "_write_csv", write)
+
+
+def tiny_cfg(root: Path, name: str, **over) -> dict:
+    """A run of a few steps on 64 Fashion-MNIST items at 16 px, fp32, in root/name (cache in root/cache)."""
+    cfg = {
+        "name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
+        "data": {"train_subset": 64, "test_subset": 32, "image_size": 16, "degradation": "lowres:size=4"},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "max_steps_per_epoch": 2,
+                  "precision": "32-true"},
+        "method": {"name": "cqd"},
+    }
+    return nested(cfg, **over)

@@ -20,24 +20,13 @@ from cqd.engine.trainer import train
 from cqd.config import run_config
 from cqd.degradations import parse_degradation
 from cqd.models import create_model
-from helpers import nested
-
-
-def make_cfg(root: Path, name: str, **over) -> dict:
-    cfg = {
-        "name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
-        "data": {"train_subset": 64, "test_subset": 32, "image_size": 16, "degradation": "lowres:size=4"},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "max_steps_per_epoch": 2,
-                  "precision": "32-true"},
-        "method": {"name": "cqd"},
-    }
-    return nested(cfg, **over)
+from helpers import tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("cache-teacher")
-    train(make_cfg(root, "f", method__name="hq", data__train_subset=256, train__epochs=2, train__max_steps_per_epoch=8))
+    train(tiny_cfg(root, "f", method__name="hq", data__train_subset=256, train__epochs=2, train__max_steps_per_epoch=8))
     return str(root / "f" / "model.pt")
 
 
@@ -104,13 +93,13 @@ def test_fresh_twins_each_epoch_reuse_the_cached_table_and_f_never_runs(teacher,
     """Fresh z draws every epoch (x fixed): the table of the first run is a hit, f is not run at all,
     and every step's teacher logits are f(x) of its own items."""
     spy = Spy(monkeypatch)
-    train(make_cfg(tmp_path, "first", teacher__checkpoint=teacher))
+    train(tiny_cfg(tmp_path, "first", teacher__checkpoint=teacher))
     assert spy.passes == 1 and "computed and cached" in capsys.readouterr().out
     before = tables(tmp_path / "cache")
     assert len(before) == 1
 
     spy.reset()
-    cfg = make_cfg(tmp_path, "fresh", teacher__checkpoint=teacher, data__degradation="noise:std=0.2",
+    cfg = tiny_cfg(tmp_path, "fresh", teacher__checkpoint=teacher, data__degradation="noise:std=0.2",
                    data__fresh_each_epoch=True, train__epochs=2)
     train(copy.deepcopy(cfg))
     assert "teacher 0 logits: cache hit" in capsys.readouterr().out
@@ -132,12 +121,12 @@ def _changed(tmp_path: Path, teacher: str, cub_root: Path | None, part: str) -> 
         short = {"data__name": "cub", "data__root": str(cub_root), "data__train_subset": None,
                  "data__test_subset": None, "train__batch_size": 2, "method__init": "scratch",
                  "teacher__checkpoint": teacher}
-        return make_cfg(tmp_path, "base", **short), make_cfg(tmp_path, "changed", teacher__view="crop", **short), "crop"
+        return tiny_cfg(tmp_path, "base", **short), tiny_cfg(tmp_path, "changed", teacher__view="crop", **short), "crop"
     if part == "data_seed":  # the seed matters once x is degraded (a noisy teacher view)
         short["data__hq_degradation"] = "noise:std=0.1"
     changes = {"data_seed": {"data__seed": 1}, "image_size": {"data__image_size": 24},
                "precision": {"train__precision": "bf16-mixed"}}[part]
-    return make_cfg(tmp_path, "base", **short), make_cfg(tmp_path, "changed", **short, **changes), "full"
+    return tiny_cfg(tmp_path, "base", **short), tiny_cfg(tmp_path, "changed", **short, **changes), "full"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +138,7 @@ def cub_teacher(tmp_path_factory) -> tuple[str, Path]:
 
     root = tmp_path_factory.mktemp("cub")
     make_cub(root / "cub")
-    cfg = make_cfg(root, "f", method__name="hq", data__name="cub", data__root=str(root / "cub"), data__train_subset=None,
+    cfg = tiny_cfg(root, "f", method__name="hq", data__name="cub", data__root=str(root / "cub"), data__train_subset=None,
                    data__test_subset=None, train__batch_size=2, train__max_steps_per_epoch=3)
     train(cfg)
     return str(root / "f" / "model.pt"), root / "cub"
@@ -189,7 +178,7 @@ def test_each_part_of_the_key_makes_a_miss(part, teacher, cub_teacher, tmp_path,
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "no_logits", "not_a_tensor"])
 def test_a_corrupt_cache_file_is_rebuilt_not_a_crash(damage, teacher, tmp_path, monkeypatch, capsys):
     spy = Spy(monkeypatch)
-    train(make_cfg(tmp_path, "first", teacher__checkpoint=teacher))
+    train(tiny_cfg(tmp_path, "first", teacher__checkpoint=teacher))
     [path] = tables(tmp_path / "cache")
     data = path.read_bytes()
     if damage == "truncated":
@@ -202,7 +191,7 @@ def test_a_corrupt_cache_file_is_rebuilt_not_a_crash(damage, teacher, tmp_path, 
         torch.save({"logits": [0.0, 1.0]}, path)
     capsys.readouterr()
     spy.reset()
-    cfg = make_cfg(tmp_path, "second", teacher__checkpoint=teacher)
+    cfg = tiny_cfg(tmp_path, "second", teacher__checkpoint=teacher)
     with pytest.warns(UserWarning, match=f"{path}: unreadable teacher cache .*; computing it again"):
         train(copy.deepcopy(cfg))
     assert f"teacher 0 logits: computed and cached ({tmp_path / 'cache'}/{path.name})" in capsys.readouterr().out
@@ -228,12 +217,12 @@ def test_cached_and_on_the_fly_logits_agree_under_bf16(teacher, tmp_path, monkey
     """bf16-mixed: the cached table and f run on each batch (`train.cache_teacher: false`) give the
     student the same logits within bf16's rounding, and both really are bf16 (not fp32) values."""
     spy = Spy(monkeypatch)
-    cached_cfg = make_cfg(tmp_path, "cached", teacher__checkpoint=teacher, train__precision="bf16-mixed")
+    cached_cfg = tiny_cfg(tmp_path, "cached", teacher__checkpoint=teacher, train__precision="bf16-mixed")
     train(copy.deepcopy(cached_cfg))
     assert spy.passes == 1
     index, cached = spy.used()
     spy.reset()
-    train(make_cfg(tmp_path, "live", teacher__checkpoint=teacher, train__precision="bf16-mixed",
+    train(tiny_cfg(tmp_path, "live", teacher__checkpoint=teacher, train__precision="bf16-mixed",
                    train__cache_teacher=False))
     live_index, live = spy.used()
     assert spy.passes == 0 and spy.forwards == 2  # f ran once per step
@@ -250,9 +239,9 @@ def test_cached_and_on_the_fly_logits_agree_under_bf16(teacher, tmp_path, monkey
 def test_cache_teacher_false_runs_f_every_step_writes_no_table_and_trains_the_same_student(teacher, tmp_path,
                                                                                          monkeypatch, capsys):
     spy = Spy(monkeypatch)
-    res_cached = train(make_cfg(tmp_path, "cached", teacher__checkpoint=teacher, train__epochs=2))
+    res_cached = train(tiny_cfg(tmp_path, "cached", teacher__checkpoint=teacher, train__epochs=2))
     spy.reset()
-    cfg = make_cfg(tmp_path, "live", teacher__checkpoint=teacher, train__epochs=2, train__cache_teacher=False,
+    cfg = tiny_cfg(tmp_path, "live", teacher__checkpoint=teacher, train__epochs=2, train__cache_teacher=False,
                    cache_dir=str(tmp_path / "cache-live"))
     capsys.readouterr()
     res = train(copy.deepcopy(cfg))

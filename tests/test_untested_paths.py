@@ -31,21 +31,14 @@ from cqd.engine.loaders import build_datasets
 from cqd.engine.teachers import Teachers
 from cqd.engine.trainer import Run, train
 from cqd.models import create_model
-from helpers import interrupt_after_epoch, nested
+from helpers import interrupt_after_epoch, nested, tiny_cfg
 
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_cfg(root: Path, name: str, **over) -> dict:
-    cfg = {
-        "name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
-        "data": {"train_subset": 64, "test_subset": 32, "image_size": 16, "degradation": "lowres:size=4"},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "progress": False, "max_steps_per_epoch": 3,
-                  "precision": "32-true"},
-        "method": {"name": "lq"},
-    }
-    return nested(cfg, **over)
+    return tiny_cfg(root, name, **{"train__epochs": 2, "train__max_steps_per_epoch": 3, "method__name": "lq", **over})
 
 
 def as_args(cfg: dict) -> list[str]:
