@@ -9,14 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 from cqd.analysis.multires import ROWS, score
 from cqd.analysis.saliency import input_gradient, tau
 from cqd.cli import main
-from cqd.config import RunConfig
-from cqd.data.fashion_mnist import DEBIAN_DIR, DOWNLOAD_DIR, FILES, FashionMNIST, _find
-from cqd.data.paired import Pair, PairMaker
+from cqd.data.fashion_mnist import DEBIAN_DIR, DOWNLOAD_DIR, FILES, _find
+from cqd.data.paired import Pair
 from cqd.engine.model_files import load_model
 from cqd.engine.trainer import train
 from cqd.models import create_model

@@ -27,7 +27,7 @@ from cqd.methods.supervised import TrainOnB
 from cqd.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_data_loaders import make_cub, make_folder, set_cub_box, truncated_jpeg, write_lines  # noqa: E402
+from test_data_loaders import make_cub, make_folder, set_cub_box, truncated_jpeg  # noqa: E402
 
 CUB = ["data.name=cub", "data.image_size=16", "data.degradation=lowres:size=4", "train.batch_size=4"]
 
