@@ -1,9 +1,11 @@
 """Online distillation, `dml` and `afd`: the losses against hand-written formulas, which network each
 gradient reaches, the phases' order and what each one moves, every network trained, checkpointed and
-resumed bit-exactly, and clear errors for bad settings."""
+resumed bit-exactly, learning on a small subset (CE falls, discriminators beat chance), clear errors
+for bad settings, the online grid and its reference text, and two DDP processes equal to one."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,37 @@ def test_afd_phases_step_in_order_and_each_moves_only_its_own_parts(root, monkey
         assert changed == moved_by[phase], phase
 
 
+def _held_out_pair(cfg: dict) -> Pair:
+    """The first test batch of `cfg`'s data, as the engine makes it."""
+    from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+
+    rc = run_config(cfg)
+    _, test_ds, _, base_test = build_datasets(rc)
+    return make_maker(rc, base_test)(next(iter(eval_loader(rc, test_ds, base_test))), "cpu")
+
+
+def test_on_a_small_subset_the_ce_falls_and_each_discriminator_beats_chance_on_held_out_maps(root):
+    """K = 3 on 64 items, 16 steps. Chance for a discriminator: a constant score c has LSGAN loss
+    (1 - c)^2 + c^2, least at c = 0.5: 0.5. Each D_i must score below that on a held-out test batch
+    (untrained, its scores are near 0: loss near 1)."""
+    cfg = cfg_for(root, "afd-learns", method={"name": "afd", "afd": {"k": 3}},
+                  data__train_subset=64, data__test_subset=64, train__epochs=8, train__lr=0.1,
+                  train__schedule="constant")
+    res = train(copy.deepcopy(cfg))
+    first, last = res["history"][0], res["history"][-1]
+    for t in ("", "net2/", "net3/"):
+        assert last[f"{t}loss_ce"] < 0.8 * first[f"{t}loss_ce"], (t, first[f"{t}loss_ce"], last[f"{t}loss_ce"])
+    method = AFD(create_model("resnet8", 10, 1), AFDParams(k=3), sample=SAMPLE)
+    method.load_state_dict(load_checkpoint(Path(cfg["out_dir"]) / "last.ckpt")["method"])
+    pair = _held_out_pair(cfg)
+    with torch.no_grad():  # train mode, as the maps were scored in training (BatchNorm on batch statistics)
+        method(Step(pair, phase="adv"))
+        _, disc = method(Step(pair, phase="disc"))
+    assert set(disc) == {"loss_disc", "net2/loss_disc", "net3/loss_disc"}
+    for k, v in disc.items():
+        assert v < 0.5, (k, float(v))
+
+
 def test_bad_online_settings_are_clear_errors():
     with pytest.raises(ConfigError, match=r"method\.dml\.k"):
         run_config({"method": {"name": "dml", "dml": {"k": 1}}})
@@ -221,11 +254,95 @@ def test_bad_online_settings_are_clear_errors():
         AFD(create_model("resnet8", 10, 1), AFDParams(layers=["features", "featurs"]), sample=SAMPLE)
 
 
+def test_a_grids_reference_text_is_printed_under_its_table_in_place_of_the_papers(tmp_path):
+    from cqd.reports.table import PAPER_TABLE1, write_report
+
+    grid = load_grid_config("configs/online.yaml")
+    assert "other data" in grid.reference and "74.03" in grid.reference
+    md, _ = write_report([], grid, tmp_path / "online")
+    saved = (tmp_path / "online" / "table.md").read_text()
+    assert grid.reference.strip() in md and md.index("| Method |") < md.index(grid.reference.strip())
+    assert grid.reference.strip() in saved
+    assert PAPER_TABLE1 not in saved
+    plain = load_grid_config("configs/full.yaml")
+    assert plain.reference is None
+    md, _ = write_report([], plain, tmp_path / "full")
+    assert PAPER_TABLE1 in (tmp_path / "full" / "table.md").read_text() and PAPER_TABLE1 not in md
+
+
 def test_the_online_grid_runs_each_variant_it_names():
     grid = load_grid_config("configs/online.yaml")
-    assert [r.id for r in grid.rows] == ["lq", "dml", "afd", "afd_feat"]
+    assert [r.id for r in grid.rows] == ["alone", "dml", "afd_feat", "afd"]
+    alone = grid.cell("r8+r8", "alone", 0)
+    assert alone.method.name == "dml" and alone.method.dml.lam == 0 and alone.data.degradation == "none"
     cross = grid.cell("cross", "afd_feat", 0).method
     assert cross.name == "afd" and cross.afd.views == ["z", "x"] and cross.afd.lam == 0
     assert grid.cell("r8+wrn", "dml", 0).method.dml.models == ["wrn_16_2"]
+    three = grid.cell("r8+r14+wrn", "afd", 0).method.afd
+    assert (three.k, three.models) == (3, ["resnet14", "wrn_16_2"])
     assert all(not METHODS.get(grid.cell(c, r, 0).method.name).needs_teacher(grid.cell(c, r, 0))
                for c in grid.columns for r in grid.rows)  # no f is trained for this table
+
+
+def test_with_degradation_none_z_is_x_so_the_tables_line_is_top1_on_x():
+    from cqd.data.paired import PairMaker
+
+    maker = PairMaker("none")
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    pair = maker({"full": images, "index": torch.arange(4), "label": torch.arange(4), "box": torch.zeros(4, 4)}, "cpu")
+    assert torch.equal(pair.z, pair.x)
+
+
+# --- several processes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])
+def test_a_method_that_leaves_parameters_unused_gets_ddp_that_finds_them(strategy):
+    """`train.devices=2` (Fabric starts the processes; `auto` picks DDP) or an explicit `ddp`: AFD's runs
+    get DDP with find_unused_parameters, other methods plain DDP; one device stays one device."""
+    from lightning_fabric.strategies import DDPStrategy
+
+    from cqd.engine.precision import make_fabric
+
+    t = run_config({"train": {"accelerator": "cpu", "devices": 2, "strategy": strategy}}).train
+    for method, find in (("afd", True), ("dml", False)):
+        fabric = make_fabric(t, find_unused=METHODS.get(method).ddp_find_unused)
+        assert isinstance(fabric.strategy, DDPStrategy)
+        assert fabric.strategy._ddp_kwargs.get("find_unused_parameters", False) is find, method
+    one = run_config({"train": {"accelerator": "cpu"}}).train
+    assert not isinstance(make_fabric(one, find_unused=True).strategy, DDPStrategy)
+
+
+DDP_ATOL = 1e-5  # float32 gradient averaging differs from one batch's mean only in summation order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dml", "afd"])
+def test_two_ddp_processes_equal_one_process_with_double_batch(method, tmp_path):
+    """2 CPU processes (gloo, torchrun) with batch 16 each = 1 process with batch 32, on BatchNorm-free
+    networks (as test_ddp.py). AFD's phases leave the discriminators unused in `main` and the networks
+    in `disc`: DDP must be told to look for unused parameters, or its second forward raises."""
+    from test_ddp import _launch_ddp
+
+    def cfg(name, batch):
+        return cfg_for(tmp_path, name, model="timm:convnext_zepto_rms", method__name=method,
+                       data__test_subset=31, train__batch_size=batch, train__epochs=1, train__lr=0.02,
+                       train__accelerator="cpu")
+
+    _launch_ddp(cfg("ddp", 16), tmp_path)
+    single = train(cfg("single", 32))
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert ddp["world_size"] == 2
+    a = load_checkpoint(tmp_path / "ddp" / "last.ckpt")["method"]
+    b = load_checkpoint(tmp_path / "single" / "last.ckpt")["method"]
+    assert a.keys() == b.keys() and any(k.startswith("discs.") for k in a) == (method == "afd")
+    diff = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
+    assert max(diff.values()) <= DDP_ATOL, max(diff.items(), key=lambda kv: kv[1])
+    torch.manual_seed(0)  # the engine's init: the same seed, then network 1, then the method's parts
+    init = METHODS.get(method)(create_model("timm:convnext_zepto_rms", 10, 1), run_config(cfg("x", 32)).method.params,
+                               (), torch.zeros(2, 1, 32, 32)).state_dict()
+    for part in ("student.", "peers.", "discs.") if method == "afd" else ("student.", "peers."):
+        moved = max(float((a[k] - init[k]).abs().max()) for k in _params(a, part))
+        assert moved > 20 * DDP_ATOL, (part, moved)  # every part trained under DDP, so the comparison means something
+    for k, v in single["history"][-1].items():
+        if "loss" in k:
+            assert ddp["history"][-1][k] == pytest.approx(v, rel=1e-4), k

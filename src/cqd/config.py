@@ -300,6 +300,9 @@ class GridConfig(_Strict):
     rows: list[RowConfig] = [RowConfig(id=m, set={"method.name": m}) for m in ("hq", "lq", "augment", "staged", "cqd")]
     columns: dict[Annotated[str, Field(pattern=_ID)], ColumnConfig]
     base: RunConfig = RunConfig()
+    reference: str | None = Field(None, description="text printed under the table (by `cqd table` and in table.md), "
+                                                    "e.g. published numbers on other data, labelled as such; "
+                                                    "default: the paper's Table 1, in table.md only")
 
     @field_validator("rows", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy
 
 from cqd.errors import ConfigError
 
@@ -57,11 +58,20 @@ def launcher(t, env=os.environ) -> tuple[object, int, str]:
     return local, nodes, "ddp" if t.strategy == "auto" else t.strategy
 
 
-def make_fabric(t, devices=None) -> Fabric:
+def make_fabric(t, devices=None, find_unused: bool = False) -> Fabric:
     """Fabric for the configured accelerator, devices and machines, following torchrun or SLURM when it
-    launched cqd (`devices` overrides: one process with the auto strategy, e.g. for evaluation)."""
+    launched cqd (`devices` overrides: one process with the auto strategy, e.g. for evaluation).
+    `find_unused`: where the strategy is plain DDP (`ddp`, or what `auto` picks for several devices),
+    DDP looks for parameters without a gradient each step, as a method with phases needs."""
     _check_accelerator(t.accelerator)
     n, nodes, strategy = (devices, 1, "auto") if devices else launcher(t)
+    fabric = _fabric(t, n, nodes, "ddp_find_unused_parameters_true" if find_unused and strategy == "ddp" else strategy)
+    if find_unused and strategy == "auto" and type(fabric.strategy) is DDPStrategy:
+        fabric = _fabric(t, n, nodes, "ddp_find_unused_parameters_true")
+    return fabric
+
+
+def _fabric(t, n, nodes, strategy) -> Fabric:
     quiet = [logging.getLogger(n) for n in ("lightning_fabric", "lightning.fabric")]  # its "Using bfloat16 AMP" lines
     levels = [q.level for q in quiet]
     for q in quiet:

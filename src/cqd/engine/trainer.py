@@ -48,11 +48,11 @@ class Run:
 
     def __init__(self, cfg: RunConfig, resume: bool, fabric: Fabric | None):
         self.cfg, t = cfg, cfg.train
+        method_cls = METHODS.get(cfg.method.name)
         if fabric is None:
-            fabric = make_fabric(t)
+            fabric = make_fabric(t, find_unused=method_cls.ddp_find_unused)
             fabric.launch()
         self.fabric, self.log, self.out = fabric, fabric.print, Path(cfg.out_dir)
-        method_cls = METHODS.get(cfg.method.name)
 
         torch.manual_seed(cfg.seed)
         self.train_ds, test_ds, base_train, base_test = build_datasets(cfg)

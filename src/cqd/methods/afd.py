@@ -86,6 +86,7 @@ class AFD(DML):
     Params = AFDParams
     label = "AFD -> B online adversarial (net 1)"
     section = "afd"
+    ddp_find_unused = True  # the discriminators get no gradient in `main`, the networks none in `disc`
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)

@@ -11,6 +11,8 @@ What a method may declare, each with a default that fits CQD and the baselines:
                      an architecture, the paper's best setting)
   teacher_taps       per teacher, the layers whose outputs it needs (`Step.teacher_features`)
   phases()           named optimizer phases, each with its parameters, stepped in turn per batch
+  ddp_find_unused    some parameters get no gradient in some phase (a discriminator in the networks'
+                     phase), so under DDP the engine lets DDP look for them each step (find_unused_parameters)
   transform_student(), on_epoch_end(), deployable(), eval_models(), eval_views(): the lifecycle
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = False
     uses_z: ClassVar[bool] = True
     init_from_teacher: ClassVar[str] = "never"
+    ddp_find_unused: ClassVar[bool] = False  # off by default: DDP's search walks the autograd graph every step
 
     def __init__(self, student: nn.Module, params: Strict | None = None, teachers: Sequence[nn.Module] = (),
                  sample: Tensor | None = None):

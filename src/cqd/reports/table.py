@@ -132,7 +132,8 @@ def bar_chart(table: dict, path: Path, labels: list[str]) -> None:
 
 
 def write_report(cells, grid, out: Path) -> tuple[str, dict]:
-    """Writes table.md (with the paper's numbers for reference), table.json, runs.csv, runs.json, table.png."""
+    """Writes table.md (under the table: the grid's `reference` text, or else the paper's numbers), table.json,
+    runs.csv, runs.json, table.png. The returned markdown ends with the `reference` text when the grid has one."""
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(cells, grid)
     labels = [label for _, label, _ in lines(grid)]
@@ -140,7 +141,8 @@ def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     runs = run_rows(cells)
     missing = sum(res is None for _, res in cells)
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
-    save_text(md + note + "\n" + PAPER_TABLE1, out / "table.md")
+    ref = "" if grid.reference is None else "\n" + grid.reference.rstrip("\n") + "\n"
+    save_text(md + note + (ref or "\n" + PAPER_TABLE1), out / "table.md")
     save_json({"title": grid.name, "seeds": grid.seeds, "table": table,
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}, out / "table.json")
     save_json(runs, out / "runs.json")
@@ -151,4 +153,4 @@ def write_report(cells, grid, out: Path) -> tuple[str, dict]:
         w.writerows(runs)
     save_text(buf.getvalue(), out / "runs.csv")
     bar_chart(table, out / "table.png", labels)
-    return md + note, table
+    return md + note + ref, table
