@@ -67,3 +67,15 @@ def test_overrides_typed_after_specs_are_overrides_not_specs(monkeypatch):
             "data.image_size=16", "--out", "o.png"]
     assert cli.main(argv) == 0
     assert seen == {"specs": ["blur", "clutter:min_scale=0.5,max_scale=0.8+lowres:size=8"], "size": 16}
+
+
+@pytest.mark.parametrize("command, config", [("table", "configs/cub.yaml"), ("demo", "configs/quick.yaml")])
+def test_data_dir_is_the_data_root_of_a_grids_base(command, config, monkeypatch, tmp_path):
+    """A grid has no data.root: `--data-dir` is its base.data.root, so every cell reads from there."""
+    from cqd.config import load_grid_config
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_table", lambda config, overrides, force: seen.append((config, overrides)) or 0)
+    assert cli.main([command, *(["--config", config] if command == "table" else []), "--data-dir", str(tmp_path)]) == 0
+    grid = load_grid_config(*seen[0])
+    assert grid.base.data.root == str(tmp_path)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cqd.config import load_grid_config, load_run_config, load_yaml, presets
+from cqd.config import load_grid_config, load_run_config, load_tune_config, load_yaml, presets
 from cqd.errors import ConfigError
 from cqd.degradations import parse_degradation
 
@@ -18,6 +18,9 @@ def test_shipped_config_is_valid(path):
         grid = load_grid_config(path)
         for col in grid.columns.values():
             parse_degradation(col.degradation).check(1 if grid.base.data.name == "fashion_mnist" else 3, grid.base.data.image_size)
+    elif "search" in load_yaml(path):
+        cfg = load_tune_config(path).base
+        parse_degradation(cfg.data.degradation).check(1, cfg.data.image_size)
     else:
         cfg = load_run_config(path)
         parse_degradation(cfg.data.degradation).check(1, cfg.data.image_size)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqd.config import GridConfig, RunConfig, apply_overrides, load_grid_config, load_run_config, run_config
+from cqd.config import (GridConfig, RunConfig, TuneConfig, apply_overrides, load_grid_config, load_run_config, load_tune_config,
+                        run_config)
 
 
 def load_config(path: str | Path | None = None, *overrides: str) -> RunConfig:
@@ -50,3 +51,16 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
     report_dir = Path(grid.out_dir) / "report"
     md, summary = write_report(collect(grid), grid, report_dir)
     return {"markdown": md, "table": summary, "report_dir": str(report_dir)}
+
+
+def tune(config: str | Path | dict | TuneConfig, *overrides: str) -> dict:
+    """Run (or continue) an Optuna study choosing the searched keys on the validation split (never the test set);
+    returns its report ({"study", "trials", "best", "out_dir"}) and writes best.yaml, trials.csv and plots in out_dir.
+
+    `config` is a tune YAML file, a dict (as a tune YAML would hold) or a loaded TuneConfig, with `overrides`.
+    """
+    from cqd.engine.tune import tune as _tune
+
+    if isinstance(config, TuneConfig):
+        config = config if not overrides else config.model_dump()
+    return _tune(config if isinstance(config, TuneConfig) else load_tune_config(config, list(overrides)))

@@ -23,8 +23,9 @@ def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.lam=50 train.epochs=3")
 
 
-def _overrides(args) -> list[str]:
-    extra = [f"data.root={args.data_dir}"] if getattr(args, "data_dir", None) else []
+def _overrides(args, root_key: str = "data.root") -> list[str]:
+    """The key=value overrides, with --data-dir as `root_key` (grids and studies: base.data.root)."""
+    extra = [f"{root_key}={args.data_dir}"] if getattr(args, "data_dir", None) else []
     return list(args.overrides) + extra
 
 
@@ -93,7 +94,23 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
 
 
 def cmd_table(args) -> int:
-    return _run_table(args.config, _overrides(args), args.force)
+    return _run_table(args.config, _overrides(args, "base.data.root"), args.force)
+
+
+def cmd_tune(args) -> int:
+    from cqd.config import load_tune_config
+
+    tc = load_tune_config(args.config, _overrides(args, "base.data.root"))
+    from cqd.api import tune
+
+    res = tune(tc)
+    print(f"study {res['study']!r}: " + ", ".join(f"{n} {state}" for state, n in res["trials"].items()))
+    if res["best"]:
+        best = res["best"]
+        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        print(f"best val top-1 on z: {100 * best['value']:.1f}% (trial {best['trial']}): {values}")
+    print(f"report: {res['out_dir']}/best.yaml, trials.csv, optimization_history.png, param_importances.png")
+    return 0
 
 
 def cmd_multires(args) -> int:
@@ -143,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config_required=True)
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("tune", help="choose a method's settings (e.g. lambda, T, lr) on the validation split with Optuna")
+    _common(p, config_required=True)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the quick Table 1 on the embedded Fashion-MNIST (a few minutes on 2 CPU cores)")
     _common(p)

@@ -55,6 +55,8 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8, le=2048)
     train_subset: int | None = Field(None, ge=1, description="use the first N of a fixed shuffle of the train split")
     test_subset: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="hold this share of the training items out as a validation "
+                                "split (fixed by data.seed; runs then report val_acc_hq/val_acc_lq); 0: none")
     hq_view: Literal["full", "crop"] = "full"
     lq_view: Literal["full", "crop"] = "full"
     degradation: str = "lowres:size=8"
@@ -528,3 +530,97 @@ def run_config(data: dict[str, Any] | RunConfig, overrides: list[str] = ()) -> R
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a dict, a RunConfig or a YAML file name, got {type(data).__name__} {_short(data)}")
     return _validate(RunConfig, data, "(dict)", overrides)
+
+
+class SearchRange(_Strict):
+    """How `cqd tune` draws one key: a range `{low, high}` (`log: true` for a log scale, `type: int` for whole
+    numbers, `step` for a grid of values) or a list of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    type: Literal["float", "int", "categorical"] | None = Field(None, description="default: categorical with choices, else float")
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "SearchRange":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.type not in (None, "categorical"):
+                raise ValueError("give either choices or a range {low, high}, not both")
+            return self
+        if self.low is None or self.high is None or self.type == "categorical":
+            raise ValueError("give a range {low, high} (e.g. {low: 1, high: 300, log: true}) or a list of choices")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range must lie above 0; low is {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("a log range takes no step")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError("an int range needs whole low, high and step")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "categorical" if self.choices is not None else self.type or "float"
+
+    def values(self) -> list[Any]:
+        """The values a config must accept: the ends of the range, or every choice."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        return [int(v) for v in (self.low, self.high)] if self.kind == "int" else [self.low, self.high]
+
+
+class PrunerConfig(_Strict):
+    """Optuna's MedianPruner: a trial stops when its val top-1 on z falls below the median of earlier trials at that epoch."""
+
+    n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
+    n_warmup_steps: int = Field(0, ge=0, description="epochs of each trial that are never pruned")
+
+
+class TuneConfig(_Strict):
+    """A study of `cqd tune`: the base run, the searched keys (dotted, as overrides) and Optuna's settings.
+    Each trial trains the base run with the drawn values; the study maximizes val top-1 on z."""
+
+    name: str = "tune"
+    out_dir: str = "runs/tune"
+    base: RunConfig = RunConfig()
+    search: dict[str, SearchRange] = Field(min_length=1, description="dotted key -> range, e.g. method.cqd.lam: {low: 1, high: 300, log: true}")
+    n_trials: int = Field(16, ge=1, description="finished trials (complete, pruned or failed) of the study in all, "
+                                                 "whichever processes ran them")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the TPE sampler")
+    storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) to share the study between "
+                                                  "machines; default: sqlite in out_dir/study.db")
+    study_name: str | None = Field(None, description="default: name")
+    pruner: PrunerConfig = PrunerConfig()
+
+    @model_validator(mode="after")
+    def _searchable(self) -> "TuneConfig":
+        """The base holds validation items, and every searched value makes a valid run of the chosen method
+        (a ConfigError, not a ValueError: pydantic would append the whole config to the message)."""
+        if not self.base.data.val_fraction:
+            raise ConfigError("tuning chooses on a validation split, never on the test set: set base.data.val_fraction "
+                              "(e.g. 0.1)")
+        if str(self.base.train.devices) != "1" or self.base.train.num_nodes != 1:
+            raise ConfigError("a trial trains in the `cqd tune` process, on one device: keep base.train.devices and "
+                              "num_nodes at 1 and start one `cqd tune` per device to share the study")
+        for key, rng in self.search.items():
+            parts = key.split(".")
+            if len(parts) > 2 and parts[0] == "method" and parts[1] in METHODS.names() and parts[1] != self.base.method.name:
+                raise ConfigError(f"search key {key!r} is a setting of method {parts[1]!r}, but base.method.name is "
+                                  f"{self.base.method.name!r}: it would change nothing")
+            for value in rng.values():
+                try:
+                    RunConfig.model_validate(apply_overrides(self.base.model_dump(), _dotted({key: value})))
+                except (ValidationError, ConfigError) as e:
+                    detail = _format(e, "", RunConfig).split(":\n", 1)[-1].strip() if isinstance(e, ValidationError) else str(e)
+                    raise ConfigError(f"search key {key!r} with value {value!r} does not make a valid run: {detail}") from None
+        return self
+
+
+def load_tune_config(path: str | Path | dict, overrides: list[str] = ()) -> TuneConfig:
+    """A TuneConfig from a YAML file or a dict, and `key=value` overrides."""
+    overrides = list(overrides) if isinstance(overrides, (list, tuple)) else overrides
+    data = path if isinstance(path, dict) else load_yaml(path)
+    return _validate(TuneConfig, apply_overrides(data, overrides), "(dict)" if isinstance(path, dict) else str(path), overrides)

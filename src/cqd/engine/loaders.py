@@ -8,18 +8,46 @@ from torch.utils.data._utils.collate import default_collate
 from cqd.data import DATASETS
 from cqd.data.paired import PairMaker
 from cqd.engine.sampling import EpochSampler
+from cqd.errors import ConfigError
 
 
 def build_datasets(cfg):
-    """(train, test, base_train, base_test): subsets are a fixed shuffle (seed 0) so every run sees the same items."""
+    """(train, test, base_train, base_test): subsets are a fixed shuffle (seed 0) so every run sees the same
+    items; with `data.val_fraction` the validation items (`split_items`) are left out of train."""
     d = cfg.data
     builder = DATASETS.get(d.name)
-    out = []
-    for split, n in (("train", d.train_subset), ("test", d.test_subset)):
-        ds = builder(d.root, split, d.image_size, on_corrupt=d.on_corrupt)
-        sub = ds if n is None or n >= len(ds) else Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
-        out.append((sub, ds))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+    train_ds, test_ds = (builder(d.root, split, d.image_size, on_corrupt=d.on_corrupt) for split in ("train", "test"))
+    train_items = split_items(d, len(train_ds))[0]
+    return (train_ds if train_items is None else Subset(train_ds, train_items)), _first(test_ds, d.test_subset), train_ds, test_ds
+
+
+def _first(ds, n: int | None):
+    return ds if n is None or n >= len(ds) else Subset(ds, _shuffle(len(ds), 0)[:n])
+
+
+def _shuffle(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def split_items(d, n: int) -> tuple[list[int] | None, list[int]]:
+    """(training items, validation items) of a train split of `n` items, as its indices (training items
+    None: the whole split). The items are the split or `data.train_subset` of a fixed shuffle (seed 0);
+    `data.val_fraction` of them, drawn by `data.seed` alone, are held out for validation."""
+    items = list(range(n)) if d.train_subset is None or d.train_subset >= n else _shuffle(n, 0)[:d.train_subset]
+    if not d.val_fraction:
+        return (None if len(items) == n else items), []
+    k = round(len(items) * d.val_fraction)
+    if not 0 < k < len(items):
+        raise ConfigError(f"data.val_fraction={d.val_fraction:g} of {len(items)} training items holds out {k}; "
+                          "choose it so that both the validation and the training split keep at least one item")
+    held = set(_shuffle(len(items), d.seed)[:k])
+    return [i for j, i in enumerate(items) if j not in held], [i for j, i in enumerate(items) if j in held]
+
+
+def val_dataset(cfg, base_train):
+    """The validation items of `data.val_fraction` (None when it is 0): training items never trained on."""
+    items = split_items(cfg.data, len(base_train))[1]
+    return Subset(base_train, items) if items else None
 
 
 def make_loader(ds, base, batch_size: int, sampler: Sampler, num_workers: int, drop_last: bool) -> DataLoader:

@@ -99,10 +99,7 @@ class Teachers:
         cfg, fabric = self.cfg, self.fabric
         if not cfg.train.cache_teacher:
             return
-        identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
-                    "n": len(base_train), "data_seed": cfg.data.seed, "precision": fabric.strategy.precision.precision}
-        if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
-            identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
+        identity = self._identity(train_ds, base_train)
         for k, model in enumerate(self.models):
             maker = self.makers[k] or run_maker
             if not maker.teacher_input_fixed:
@@ -119,6 +116,44 @@ class Teachers:
                     self.log(f"teacher {k} feature maps: computed once ({mb:.0f} MB on {fabric.device})")
                 else:
                     self.log(f"teacher {k} feature maps: {mb:.0f} MB > train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
+
+    def _identity(self, train_ds, base_train) -> dict:
+        """What the teachers' inputs depend on, besides their view: the data and the precision."""
+        cfg = self.cfg
+        identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
+                    "n": len(base_train), "data_seed": cfg.data.seed, "precision": self.fabric.strategy.precision.precision}
+        if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
+            identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
+        return identity
+
+    def pretrain(self, method, train_ds, base_train, all_loader, run_maker) -> None:
+        """The method's own stage before training, if it has one (e.g. factor transfer's paraphraser):
+        `method.pretrain(k, maps, key, cache_dir, log)` for each teacher k it taps, where `maps()` yields
+        teacher k's tapped maps over the training items (batches in index order, from the device cache
+        when kept) and `key` names teacher k's weights, the data and its view, as the logits cache's key,
+        so the stage can keep its result on disk and redo it only when one of them changes."""
+        stage = getattr(method, "pretrain", None)
+        if stage is None:
+            return
+        identity = self._identity(train_ds, base_train)
+        for k, model in enumerate(self.models):
+            if self.taps[k] is not None:
+                maker = self.makers[k] or run_maker
+                key = cache_key(model, identity, maker.view_key())
+                stage(k, lambda k=k, maker=maker: self._maps(k, all_loader, maker), key, self.cfg.cache_dir, self.log)
+
+    def _maps(self, k: int, loader, maker):
+        """Teacher k's tapped maps over `loader`, batch by batch."""
+        if self.feature_tables[k] is not None:
+            maps = self.feature_tables[k][1]
+            n = len(next(iter(maps.values())))
+            for i in range(0, n, loader.batch_size):
+                yield {name: m[i:i + loader.batch_size] for name, m in maps.items()}
+            return
+        for batch in loader:
+            with torch.no_grad(), self.fabric.autocast():
+                self.models[k](maker.normalize(maker.hq(batch, self.fabric.device)))
+            yield {name: f.float() for name, f in self.taps[k].out.items()}
 
     @torch.no_grad()
     def _feature_mb(self, k: int, maker, n: int) -> float:

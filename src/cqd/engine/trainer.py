@@ -21,9 +21,10 @@ from lightning_fabric import Fabric
 from cqd.config import RunConfig, run_config
 from cqd.engine import classification, phases
 from cqd.engine.checkpoint import FORMAT, load_resume_checkpoint, load_state, save_checkpoint, save_json, save_text
-from cqd.engine.loaders import build_datasets, eval_loader, make_loader, make_maker
+from cqd.engine.loaders import build_datasets, eval_loader, make_loader, make_maker, val_dataset
 from cqd.engine.model_files import MODEL, build_model, same_architecture, save_model
 from cqd.engine.precision import flush_denormals, make_fabric
+from cqd.engine.rounds import rounds_of, train_rounds
 from cqd.engine.sampling import EpochSampler
 from cqd.engine.signals import stop_on_signal
 from cqd.engine.teachers import Teachers, needs_teacher
@@ -39,8 +40,11 @@ def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = N
     `on_epoch(row)` is called after each epoch's checkpoint with that epoch's metrics (the row of
     metrics.csv); a true return value ends the run there (e.g. a tuner's pruning), as a finished run.
     """
+    cfg = run_config(cfg)
+    if rounds_of(cfg) > 1:  # sequential distillation: one run per round, each round's student the next one's teacher
+        return train_rounds(cfg, train, resume, fabric, on_epoch)
     with flush_denormals():
-        return Run(run_config(cfg), resume, fabric).fit(on_epoch)
+        return Run(cfg, resume, fabric).fit(on_epoch)
 
 
 class Run:
@@ -78,10 +82,14 @@ class Run:
         self.total = self.steps_per_epoch * t.epochs
         self.test_loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test, fabric.global_rank, fabric.world_size),
                                                     use_distributed_sampler=False)
+        val_ds = val_dataset(cfg, base_train)
+        self.val_loader = None if val_ds is None else fabric.setup_dataloaders(
+            eval_loader(cfg, val_ds, base_train, fabric.global_rank, fabric.world_size), use_distributed_sampler=False)
         all_loader = eval_loader(cfg, self.train_ds, base_train)
         self._fix_twins(method_cls, all_loader, len(base_train))
         if self.teachers and method_cls.uses_teacher:
             self.teachers.cache(self.train_ds, base_train, all_loader, self.maker)
+            self.teachers.pretrain(self.method, self.train_ds, base_train, all_loader, self.maker)
         self._restore(resume)
 
     def _start_from_teacher(self, student, method_cls) -> None:
@@ -250,14 +258,20 @@ class Run:
                           "lr 0.0005 with lambda 200 (the CUB/Cars presets do)", stacklevel=2)
 
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics of every network the method evaluates, on the test set (buffers synced first)."""
+        """The task's metrics of every network the method evaluates, on the test set and, prefixed `val_`,
+        on the validation items when `data.val_fraction` holds some out (buffers synced first)."""
         if self.fabric.world_size > 1:
             # DDP broadcasts buffers at each forward, so after the last step the other ranks hold BatchNorm
             # stats of their own last batch; give every rank rank 0's, as model.pt holds.
             for b in self.method.buffers():
                 torch.distributed.broadcast(b.data, src=0)
-        return classification.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
-                                       self.test_maker, self.fabric)
+        metrics = classification.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
+                                          self.test_maker, self.fabric)
+        if self.val_loader is not None:
+            val = classification.evaluate(self.method.eval_models(), self.method.eval_views, self.val_loader,
+                                          self.maker, self.fabric)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        return metrics
 
     def _checkpoint(self, epoch: int, step: int, sums: dict | None = None, n: int = 0) -> None:
         if sums and self.fabric.world_size > 1:  # mid-epoch (every rank stopped at this step): save all ranks' sums
@@ -301,6 +315,7 @@ class Run:
         teachers = self.teachers.paths if self.teachers else []
         result = {"name": cfg.name, "method": cfg.method.name, "model": cfg.model, "seed": cfg.seed,
                   "degradation": cfg.data.degradation, "acc_hq": final.get("acc_hq"), "acc_lq": final.get("acc_lq"),
+                  "val_acc_hq": final.get("val_acc_hq"), "val_acc_lq": final.get("val_acc_lq"),
                   "wall_s": time.perf_counter() - self.t0, "train_s": self.train_s,
                   "images_per_s": self.seen / self.train_s if self.train_s else None,
                   "teacher": teachers[0] if teachers else None, "teachers": teachers,

@@ -14,6 +14,8 @@ What a method may declare, each with a default that fits CQD and the baselines:
   ddp_find_unused    some parameters get no gradient in some phase (a discriminator in the networks'
                      phase), so under DDP the engine lets DDP look for them each step (find_unused_parameters)
   transform_student(), on_epoch_end(), deployable(), eval_models(), eval_views(): the lifecycle
+  pretrain(k, maps, key, cache_dir, log)  optional: a stage before training, once per tapped teacher
+                     (factor transfer's paraphraser); the engine calls it only where a method defines it
 """
 from __future__ import annotations
 

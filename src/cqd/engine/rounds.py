@@ -1,0 +1,47 @@
+"""Sequential distillation (sequential FEED, Park and Kwak): `method.<name>.rounds: R` trains R students
+in turn. Round 1 distills from the configured teachers; round r > 1 has one teacher, round r-1's
+student, which sees the student's own input (z: with a degraded z, later rounds are self-distillation
+on z) and is tapped at the student's layer; each round's student starts from its own init (not from
+its teacher), as in born-again networks. Rounds 1..R-1 are kept in `<out_dir>/round<r>`; round R is the
+run itself (`<out_dir>/model.pt`, `result.json`). With `--resume` a finished round is not trained again.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from cqd.engine.model_files import MODEL
+
+
+def rounds_of(cfg) -> int:
+    return getattr(cfg.method.params, "rounds", 1)
+
+
+def round_config(cfg, r: int):
+    """The run config of round r (1-based) of `cfg`'s R rounds."""
+    from cqd.config import TeacherConfig
+
+    R, out = rounds_of(cfg), Path(cfg.out_dir)
+    c = cfg.model_copy(deep=True)
+    setattr(c.method, c.method.name, cfg.method.params.next_round(first=r == 1))
+    if r < R:
+        c.out_dir, c.name = str(out / f"round{r}"), f"{cfg.name}-round{r}"
+    if r > 1:
+        teacher = out / f"round{r - 1}" / MODEL
+        c.teachers = []
+        c.teacher = TeacherConfig(model=cfg.model, checkpoint=str(teacher), view=cfg.data.lq_view,
+                                  degradation=cfg.data.degradation)
+        c.method.init = "scratch"
+    return c
+
+
+def train_rounds(cfg, train_one: Callable, resume: bool, fabric, on_epoch) -> dict:
+    """Train every round in order (round R's result is returned); finished rounds are skipped on resume."""
+    from cqd.engine.trainer import RESULT
+
+    for r in range(1, rounds_of(cfg) + 1):
+        c = round_config(cfg, r)
+        if r < rounds_of(cfg) and resume and (Path(c.out_dir) / RESULT).is_file() and (Path(c.out_dir) / MODEL).is_file():
+            continue
+        res = train_one(c, resume=resume, fabric=fabric, on_epoch=on_epoch)
+    return res

@@ -1,0 +1,215 @@
+"""`cqd tune`: choose a method's settings (CQD's lambda and T, any method's learning rate) on the validation
+split with Optuna, as the paper chose T and lambda "on the validation set". The test set is never looked at.
+
+A study: Optuna's TPE sampler draws the searched keys; each trial trains the base run with them in
+`<out_dir>/trials/NNNN`, reports val top-1 on z at each evaluated epoch to a median pruner through the
+engine's per-epoch callback (a pruned trial stops there), and returns its final val top-1 on z, which the
+study maximizes. The study lives in an Optuna storage (SQLite in out_dir by default, or any database URL)
+opened with `load_if_exists`, so a second call, process or machine running the same config continues it
+until `n_trials` trials have finished. The teachers are trained once per study, shared by every trial.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cqd.config import RunConfig, SearchRange, TuneConfig, _dotted, apply_overrides, run_config
+from cqd.engine.checkpoint import save_json, save_text, weight_settings
+from cqd.engine.model_files import MODEL
+from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.errors import ConfigError, TrainingDiverged
+
+OBJECTIVE = "val_acc_lq"  # top-1 of g on z, on the validation items
+BEST, TRIALS_CSV, HISTORY_PNG, IMPORTANCE_PNG = "best.yaml", "trials.csv", "optimization_history.png", "param_importances.png"
+
+
+def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0) -> dict:
+    """Run (or continue) the study of `tc` until it holds `n_trials` finished trials; write its report."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=tc.study_name or tc.name, storage=storage(tc), load_if_exists=True,
+                                direction="maximize", pruner=optuna.pruners.MedianPruner(
+                                    n_startup_trials=tc.pruner.n_startup_trials, n_warmup_steps=tc.pruner.n_warmup_steps))
+    # a call that joins or continues a study must not repeat the first call's draws: offset the seed by the trials so far;
+    # constant_liar: a running trial (of any process) counts as a poor result, so parallel trials spread out
+    study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials), constant_liar=True)
+    same_study(study, tc)
+    save_json(tc.model_dump(mode="json"), out / "tune.json")
+    base = shared_teachers(tc, log, poll_s)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    left = tc.n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if left > 0:
+        log(f"study {study.study_name!r}: {left} of {tc.n_trials} trials to run, maximizing {OBJECTIVE}")
+        study.optimize(lambda trial: objective(trial, tc, base), n_trials=left, catch=(TrainingDiverged,),
+                       callbacks=[MaxTrialsCallback(tc.n_trials, states=finished)], show_progress_bar=True)
+    else:
+        log(f"study {study.study_name!r} already holds {tc.n_trials} finished trials")
+    return write_report(study, tc, log)
+
+
+# Base settings that may differ between the calls and machines of one study: they do not change a trial's result.
+_NOT_THE_STUDY = ("name", "out_dir", "cache_dir", "data.root", "data.num_workers", "data.twin_cache_mb", "train.progress",
+                  "train.accelerator", "train.strategy", "train.feature_cache_mb")
+
+
+def same_study(study, tc: TuneConfig) -> None:
+    """Record what the study searches, and on what base (its searched keys aside), with its first call; a later
+    call with other settings is an error (its trials would mix with the study's), not a silent continuation."""
+    base = weight_settings(tc.base.model_dump(mode="json"))
+    settings = {"search": tc.model_dump(mode="json")["search"],
+                **{k: v for k, v in base.items() if k not in _NOT_THE_STUDY and k not in tc.search}}
+    settings = json.loads(json.dumps(settings))  # as the storage gives it back
+    saved = study.user_attrs.get("settings")
+    if saved is None:
+        study.set_user_attr("settings", settings)
+        return
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        shown = ", ".join(f"{'' if k == 'search' else 'base.'}{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in diff[:3])
+        raise ConfigError(f"study {study.study_name!r} was started with {shown}{' and more' if len(diff) > 3 else ''}; "
+                          "continue it with the same settings, or start another study (study_name or out_dir)")
+
+
+def storage(tc: TuneConfig, attempts: int = 5):
+    """`tc.storage`, or SQLite in out_dir (waiting up to a minute for another process's write lock). Two
+    processes that open a new database at once race to create its tables: the loser opens it again."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    url = tc.storage or f"sqlite:///{(Path(tc.out_dir) / 'study.db').resolve()}"
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def shared_teachers(tc: TuneConfig, log: Callable[[str], None], poll_s: float) -> dict:
+    """The base run as a dict, its teachers trained once (with the base's settings) in `<out_dir>/teacher*`,
+    by whichever process of the study gets there first, and given to every trial as checkpoints."""
+    from cqd.engine.grid import holder, run_cell
+
+    cfg = tc.base.model_copy(deep=True)
+    cfg.out_dir = tc.out_dir
+    if needs_teacher(cfg):
+        for k, t in enumerate(cfg.teacher_list):
+            if t.checkpoint is None:
+                tcfg = teacher_run_config(cfg, k)
+                while run_cell("train", tcfg) is None:
+                    log(f"waiting for teacher {k}, trained by another process: {holder(Path(tcfg.out_dir))}")
+                    time.sleep(poll_s)
+                t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
+    return cfg.model_dump()
+
+
+def suggest(trial, key: str, r: SearchRange) -> Any:
+    if r.kind == "categorical":
+        return trial.suggest_categorical(key, r.choices)
+    if r.kind == "int":
+        return trial.suggest_int(key, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
+    return trial.suggest_float(key, r.low, r.high, step=r.step, log=r.log)
+
+
+def trial_config(base: dict, tc: TuneConfig, params: dict[str, Any], number: int) -> RunConfig:
+    """The base run with the trial's values, in `<out_dir>/trials/NNNN`."""
+    where = {"name": f"{tc.name}/trial{number:04d}", "out_dir": str(Path(tc.out_dir) / "trials" / f"{number:04d}")}
+    return run_config(apply_overrides(base, _dotted({**params, **where})))
+
+
+def objective(trial, tc: TuneConfig, base: dict) -> float:
+    """Train one trial; its value is the last val top-1 on z. Raises optuna.TrialPruned when the pruner stopped it early."""
+    import optuna
+
+    from cqd.engine.trainer import train
+
+    cfg = trial_config(base, tc, {key: suggest(trial, key, r) for key, r in tc.search.items()}, trial.number)
+    trial.set_user_attr("out_dir", cfg.out_dir)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
+    result = train(cfg, on_epoch=pruning_callback(trial))
+    epochs = len(result["history"])
+    if epochs < cfg.train.epochs:  # stopped by the pruner (a trial that ran all its epochs is complete)
+        raise optuna.TrialPruned(f"{cfg.name}: pruned after epoch {epochs} of {cfg.train.epochs} ({OBJECTIVE}={result[OBJECTIVE]:.4f})")
+    return result[OBJECTIVE]
+
+
+def pruning_callback(trial) -> Callable[[dict], bool]:
+    """The engine's `on_epoch`: report val top-1 on z of each evaluated epoch; True (stop) when Optuna prunes."""
+
+    def on_epoch(row: dict) -> bool:
+        if OBJECTIVE not in row:
+            return False
+        trial.report(row[OBJECTIVE], row["epoch"])
+        return trial.should_prune()
+
+    return on_epoch
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'method.cqd.lam': 50} -> {'method': {'cqd': {'lam': 50}}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+def write_report(study, tc: TuneConfig, log: Callable[[str], None] = print) -> dict:
+    """best.yaml (the best trial's searched keys), trials.csv and Optuna's plots, in out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
+
+    out = Path(tc.out_dir)
+    save_text(study.trials_dataframe().to_csv(index=False), out / TRIALS_CSV)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    report = {"study": study.study_name, "trials": {k: v for k, v in states.items() if v}, "best": None, "out_dir": str(out)}
+    if not complete:
+        log(f"no completed trial yet: {BEST} not written")
+    else:
+        best = study.best_trial
+        base = out / "base.yaml"
+        save_text(yaml.safe_dump(tc.base.model_dump(mode="json"), sort_keys=False), base)
+        overrides = " ".join(_dotted(best.params))
+        header = (f"# The best of study {study.study_name!r}: {OBJECTIVE}={best.value:.4f} (trial {best.number}, "
+                  f"{best.user_attrs.get('out_dir')}), chosen on the validation split.\n"
+                  f"# Train with it: cqd train --config {base} {overrides}\n")
+        save_text(header + yaml.safe_dump(nest(best.params), sort_keys=False), out / BEST)
+        report["best"] = {"value": best.value, "trial": best.number, "params": best.params}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if complete:
+            _save(plots.plot_optimization_history(study), out / HISTORY_PNG, plt)
+        if len(complete) >= 2:
+            _save(plots.plot_param_importances(study), out / IMPORTANCE_PNG, plt)
+        else:
+            log(f"parameter importance needs 2 completed trials, the study has {len(complete)}: {IMPORTANCE_PNG} not written")
+    save_json(report, out / "tune_result.json")
+    return report
+
+
+def _save(ax, path: Path, plt) -> None:
+    ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(ax.figure)
