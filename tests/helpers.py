@@ -29,6 +29,21 @@ def interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
     monkeypatch.setattr(trainer, "_write_csv", write)
 
 
+def interrupt_at_step(monkeypatch, n: int) -> None:
+    """A KeyboardInterrupt before the n-th training step (1-based, over the whole run)."""
+    from cqd.engine import trainer
+
+    real, count = trainer.Run._step, [0]
+
+    def step(self, batch, epoch):
+        count[0] += 1
+        if count[0] == n:
+            raise KeyboardInterrupt
+        return real(self, batch, epoch)
+
+    monkeypatch.setattr(trainer.Run, "_step", step)
+
+
 def tiny_cfg(root: Path, name: str, **over) -> dict:
     """A run of a few steps on 64 Fashion-MNIST items at 16 px, fp32, in root/name (cache in root/cache)."""
     cfg = {

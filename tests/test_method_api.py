@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cqd.engine import teachers as teachers_module
-from cqd.engine import trainer
 from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.loaders import build_datasets, make_loader, make_maker
 from cqd.engine.model_files import load_model
@@ -23,7 +22,7 @@ from cqd.errors import ConfigError
 from cqd.methods import METHODS, Method, Phase
 from cqd.models import create_model
 from cqd.models.taps import FeatureTaps, last_feature_map
-from helpers import interrupt_after_epoch, nested
+from helpers import interrupt_after_epoch, interrupt_at_step, nested
 
 
 def cfg_for(root: Path, name: str, **over) -> dict:
@@ -44,19 +43,6 @@ def root(tmp_path_factory) -> Path:
 def teacher(root) -> str:
     train(cfg_for(root, "teacher", method__name="hq", train__epochs=1, train__max_steps_per_epoch=4))
     return str(root / "teacher" / "model.pt")
-
-
-def _interrupt_at_step(monkeypatch, n: int) -> None:
-    """KeyboardInterrupt before the n-th training batch is made (1-based, over the whole run)."""
-    real, count = trainer.Run._step, [0]
-
-    def step(self, batch, epoch):
-        count[0] += 1
-        if count[0] == n:
-            raise KeyboardInterrupt
-        return real(self, batch, epoch)
-
-    monkeypatch.setattr(trainer.Run, "_step", step)
 
 
 def _state(path) -> dict[str, torch.Tensor]:
@@ -188,7 +174,7 @@ def test_multi_phase_and_changing_students_resume_bit_exactly(name, cut, root, m
     ref = train(cfg_for(root, f"{name}-ref", method__name=name))
     cfg = cfg_for(root, f"{name}-{cut}", method__name=name)
     with monkeypatch.context() as m:
-        _interrupt_at_step(m, 5) if cut == "mid_epoch" else interrupt_after_epoch(m, 1)  # 5th batch: epoch 2, step 2
+        interrupt_at_step(m, 5) if cut == "mid_epoch" else interrupt_after_epoch(m, 1)  # 5th batch: epoch 2, step 2
         with pytest.raises(KeyboardInterrupt):
             train(copy.deepcopy(cfg))
     ck = load_checkpoint(Path(cfg["out_dir"]) / "last.ckpt")

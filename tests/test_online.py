@@ -15,7 +15,6 @@ from torch import nn
 
 from cqd.config import load_grid_config, run_config
 from cqd.data.paired import Pair
-from cqd.engine import trainer
 from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError
@@ -23,7 +22,7 @@ from cqd.methods import METHODS, Step
 from cqd.methods.afd import AFD, AFDParams, discriminator_loss, generator_loss
 from cqd.methods.dml import DML, DMLParams, mutual_terms
 from cqd.models import create_model
-from helpers import nested
+from helpers import interrupt_at_step, nested
 
 SAMPLE = torch.zeros(2, 1, 32, 32)
 
@@ -48,19 +47,6 @@ def _kl_by_hand(teacher: torch.Tensor, student: torch.Tensor, T: float) -> torch
     q = (teacher / T).exp() / (teacher / T).exp().sum(1, keepdim=True)
     p = (student / T).exp() / (student / T).exp().sum(1, keepdim=True)
     return (q * (q.log() - p.log())).sum(1).mean()
-
-
-def _interrupt_at_step(monkeypatch, n: int) -> None:
-    """KeyboardInterrupt before the n-th training batch (1-based, over the whole run)."""
-    real, count = trainer.Run._step, [0]
-
-    def step(self, batch, epoch):
-        count[0] += 1
-        if count[0] == n:
-            raise KeyboardInterrupt
-        return real(self, batch, epoch)
-
-    monkeypatch.setattr(trainer.Run, "_step", step)
 
 
 # --- the losses on fixed tensors -------------------------------------------------------------------
@@ -169,7 +155,7 @@ def test_every_network_trains_is_checkpointed_and_resume_is_bit_exact(method, ro
     cfgs = {cut: cfg_for(root, f"{method}-{cut}", **over) for cut in (1, 5)}  # before step 1; epoch 2, step 2
     for cut, cfg in cfgs.items():
         with monkeypatch.context() as m:
-            _interrupt_at_step(m, cut)
+            interrupt_at_step(m, cut)
             with pytest.raises(KeyboardInterrupt):
                 train(copy.deepcopy(cfg))
     init = load_checkpoint(Path(cfgs[1]["out_dir"]) / "last.ckpt")["method"]
