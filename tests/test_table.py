@@ -220,3 +220,27 @@ def test_a_bad_row_is_named_when_the_grid_is_loaded(tmp_path, tiny_config):
         load_grid_config_dict(tmp_path, {"columns": {"a": {"degradation": "blur"}}, "base": base,
                                          "rows": ["lq", {"id": "x", "set": {"method.name": "cqd", "method.cqd.lamb": 3}}]})
     assert "row 'x' in column 'a'" in str(e.value) and "method.cqd.lamb: unknown key; did you mean 'lam'?" in str(e.value)
+
+
+def test_a_row_of_method_hq_that_sets_only_the_teacher_evaluates_that_shared_teacher(tmp_path):
+    """`{id: r14, set: {method.name: hq, teacher: {model: resnet14}}}` evaluates the resnet14 that another
+    row uses as one of its teachers (one shared run), instead of training a network of its own; a row of
+    method hq that also sets a student key trains."""
+    cfg = {"name": "g", "out_dir": str(tmp_path), "seeds": [0],
+           "rows": ["hq",
+                    {"id": "r14", "set": {"method.name": "hq", "teacher": {"model": "resnet14"}}},
+                    {"id": "ens", "set": {"method.name": "ens", "teacher": {},
+                                          "teachers": [{"model": "resnet14"}, {"model": "resnet8"}]}},
+                    {"id": "x_lr", "set": {"method.name": "hq", "train.lr": 0.01}}],
+           "columns": {"lowres": {"degradation": "lowres:size=4"}},
+           "base": {"model": "resnet8", "teacher": {"model": "resnet8"}, "data": {"image_size": 16}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cells = plan(load_grid_config(str(path)), tmp_path)
+    by_row = {c.row: c for c in cells if c.row}
+    assert {r: c.kind for r, c in by_row.items()} == {"hq": "eval", "r14": "eval", "ens": "train", "x_lr": "train"}
+    teachers = [c for c in cells if c.kind == "train" and c.row is None]
+    assert sorted(t.cfg.model for t in teachers) == ["resnet14", "resnet8"]  # each trained once, shared
+    r14 = next(t for t in teachers if t.cfg.model == "resnet14")
+    assert by_row["r14"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[0].checkpoint == str(Path(r14.cfg.out_dir) / "model.pt")
+    assert by_row["hq"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[1].checkpoint

@@ -134,6 +134,14 @@ def shared_teacher(grid: GridConfig, column: str, row: RowConfig, seed: int, k: 
     return tcfg
 
 
+def _evaluates_a_teacher(row: RowConfig) -> bool:
+    """The teacher row `hq`, and any row of method hq that sets only the teacher (e.g. `{id: r14, set:
+    {method.name: hq, teacher: {model: resnet14}}}`): f is evaluated on the column's views, not trained
+    again (a row that also sets the student's keys trains a network on x)."""
+    keys = set(row.set) - {"method.name"}
+    return row.set.get("method.name") == TEACHER_ROW and all(k.split(".")[0] in ("teacher", "teachers") for k in keys)
+
+
 def plan(grid: GridConfig, out: Path) -> list[Cell]:
     """Every cell in run order, seed by seed: each teacher before the first cell that needs it, then the
     column's rows. A cell's teachers are pointed at the shared teachers' model.pt."""
@@ -143,7 +151,7 @@ def plan(grid: GridConfig, out: Path) -> list[Cell]:
         for column in grid.columns:
             for row in grid.rows:
                 cfg = cell_config(grid, column, row, seed, out)
-                evaluates_f = row.id == TEACHER_ROW and row.set == {"method.name": TEACHER_ROW}
+                evaluates_f = _evaluates_a_teacher(row)
                 if evaluates_f or needs_teacher(cfg):
                     for k, t in enumerate(cfg.teacher_list):
                         if t.checkpoint is None:
