@@ -22,16 +22,14 @@ from cqd.errors import ConfigError
 from cqd.methods import METHODS, Method, Phase
 from cqd.models import create_model
 from cqd.models.taps import FeatureTaps, last_feature_map
-from helpers import interrupt_after_epoch, interrupt_at_step, nested
+from helpers import interrupt_after_epoch, interrupt_at_step, tiny_cfg
 
 
 def cfg_for(root: Path, name: str, **over) -> dict:
-    cfg = {"name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
-           "data": {"train_subset": 128, "test_subset": 64, "image_size": 32, "degradation": "lowres:size=8"},
-           "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 3,
-                     "precision": "32-true"},
-           "method": {"name": "lq"}}
-    return nested(cfg, **over)
+    """helpers.tiny_cfg at 32 px: 128 items (64 test), 3 epochs of 3 steps of 32, B by default."""
+    return tiny_cfg(root, name, **{"data__train_subset": 128, "data__test_subset": 64, "data__image_size": 32,
+                                   "data__degradation": "lowres:size=8", "train__epochs": 3, "train__batch_size": 32,
+                                   "train__max_steps_per_epoch": 3, "method__name": "lq", **over})
 
 
 @pytest.fixture(scope="module")

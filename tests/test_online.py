@@ -22,18 +22,16 @@ from cqd.methods import METHODS, Step
 from cqd.methods.afd import AFD, AFDParams, discriminator_loss, generator_loss
 from cqd.methods.dml import DML, DMLParams, mutual_terms
 from cqd.models import create_model
-from helpers import interrupt_at_step, nested
+from helpers import interrupt_at_step, tiny_cfg
 
 SAMPLE = torch.zeros(2, 1, 32, 32)
 
 
 def cfg_for(root: Path, name: str, **over) -> dict:
-    cfg = {"name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "model": "resnet8",
-           "data": {"train_subset": 96, "test_subset": 32, "image_size": 32, "degradation": "lowres:size=8"},
-           "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "max_steps_per_epoch": 3,
-                     "precision": "32-true"},
-           "method": {"name": "dml"}}
-    return nested(cfg, **over)
+    """helpers.tiny_cfg at 32 px: 96 items, 2 epochs of 3 steps of 32, two resnet8 in deep mutual learning."""
+    return tiny_cfg(root, name, **{"data__train_subset": 96, "data__image_size": 32, "data__degradation": "lowres:size=8",
+                                   "train__epochs": 2, "train__batch_size": 32, "train__max_steps_per_epoch": 3,
+                                   "method__name": "dml", **over})
 
 
 def _pair(n: int = 4) -> Pair:
