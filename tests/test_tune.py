@@ -141,3 +141,76 @@ def test_a_study_without_validation_items_or_on_several_devices_is_refused(tmp_p
         tune(tc)
     with pytest.raises(ConfigError, match="start one `cqd tune` per device"):
         tune(tune_cfg(tmp_path), "base.train.devices=2")
+
+
+def tuned_grid(root: Path, **over) -> dict:
+    """Two columns; B untuned beside B and CQD each tuned per column (2 trials a study), 16 of 64 items held out."""
+    base = tiny_cfg(root, "base", data__val_fraction=0.25)
+    for key in ("name", "out_dir", "cache_dir"):
+        base.pop(key)
+    return {"name": "tuned", "out_dir": str(root / "grid"), "seeds": [0],
+            "columns": {"lowres": {"degradation": "lowres:size=4"}, "blur": {"degradation": "blur:sigma=2"}},
+            "rows": ["lq", {"id": "lq_tuned", "set": {"method.name": "lq"}, "tune": {"train.lr": LR}},
+                    {"id": "cqd_tuned", "set": {"method.name": "cqd"}, "tune": {"method.cqd.lam": LAM}}],
+            "tune": {"n_trials": 2}, "base": base, **over}
+
+
+def test_a_grid_tunes_each_row_in_each_column_and_its_cells_train_with_the_best_values(tmp_path):
+    from cqd.api import table
+
+    grid = tuned_grid(tmp_path)
+    with pytest.raises(ConfigError, match=r"row 'lq_tuned' in column 'lowres' uses tuned settings from .*grid/tune/lowres/"
+                                          r"lq_tuned/best.yaml, which does not exist: run `cqd tune` on this grid config"):
+        table(grid)
+    reports = tune(grid)
+    assert {c: sorted(r) for c, r in reports.items()} == {"lowres": ["cqd_tuned", "lq_tuned"], "blur": ["cqd_tuned", "lq_tuned"]}
+    out = tmp_path / "grid"
+    teachers = [p.parent for p in (out / "teachers").rglob("model.pt")]
+    assert len(teachers) == 1  # the grid's own seed-0 teacher (f sees x, the same in both columns), trained once
+    for column in ("lowres", "blur"):
+        study = optuna.load_study(study_name=f"tuned/{column}/cqd_tuned", storage=f"sqlite:///{out / 'tune' / column / 'cqd_tuned' / 'study.db'}")
+        assert len(study.trials) == 2
+        for t in study.trials:  # each trial trained the column's cell against that teacher
+            cfg = yaml.safe_load((Path(t.user_attrs["out_dir"]) / "result.json").read_text())["config"]
+            assert cfg["data"]["degradation"] == grid["columns"][column]["degradation"]
+            assert cfg["teacher"]["checkpoint"] == str(teachers[0] / "model.pt")
+
+    res = table(grid)
+    for column in ("lowres", "blur"):
+        lr = yaml.safe_load((out / "tune" / column / "lq_tuned" / "best.yaml").read_text())["train"]["lr"]
+        lam = yaml.safe_load((out / "tune" / column / "cqd_tuned" / "best.yaml").read_text())["method"]["cqd"]["lam"]
+        got = lambda row: yaml.safe_load((out / "cells" / column / row / "s0" / "result.json").read_text())["config"]
+        assert got("lq_tuned")["train"]["lr"] == lr and got("lq")["train"]["lr"] == 0.05
+        assert got("cqd_tuned")["method"]["cqd"]["lam"] == lam and got("cqd_tuned")["train"]["lr"] == 0.05
+        assert f"lr={lr:.3g}" in res["markdown"] and f"lam={lam:.3g}" in res["markdown"]
+    labels = [line.split(" | ")[0] for line in res["markdown"].splitlines() if line.startswith("| ")]
+    assert sum(label.endswith("(tuned)") for label in labels) == 2 and any("fine-tuning" in lab and "tuned)" not in lab for lab in labels)
+
+
+def test_tuned_rows_need_a_validation_split_and_a_valid_search_space(tmp_path):
+    grid = tuned_grid(tmp_path)
+    grid["base"]["data"]["val_fraction"] = 0
+    with pytest.raises(ConfigError, match="row 'lq_tuned' is tuned on a validation split, never on the test set"):
+        tune(grid)
+    grid = tuned_grid(tmp_path)
+    grid["rows"][1]["tune"] = {"method.cqd.lam": LAM}
+    with pytest.raises(ConfigError, match=r"row 'lq_tuned': tune key 'method.cqd.lam' is a setting of method 'cqd', but "
+                                          r"base.method.name is 'lq'"):
+        tune(grid)
+    with pytest.raises(ConfigError, match="this grid has no row to tune"):
+        tune(tuned_grid(tmp_path, rows=["lq"]))
+
+
+def test_a_trial_whose_process_was_killed_is_marked_failed_by_the_next_trial(tmp_path):
+    import time
+
+    tc = tune_cfg(tmp_path, n_trials=1, heartbeat_s=1)
+    tc["base"]["method"]["name"] = "lq"
+    tc["search"] = {"train.lr": LR}
+    Path(tc["out_dir"]).mkdir()
+    study = optuna.create_study(study_name="study", storage=storage(load_tune_config(tc)), direction="maximize")
+    killed = study.ask()  # a trial left running, as by a process that was killed mid-trial
+    study._storage.record_heartbeat(killed._trial_id)
+    time.sleep(3.5)  # silent for more than 2 heartbeats (the storage keeps whole seconds)
+    assert tune(tc)["trials"] == {"complete": 1, "fail": 1}
+    assert [t.state for t in trials(tc)] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -53,14 +53,25 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
     return {"markdown": md, "table": summary, "report_dir": str(report_dir)}
 
 
-def tune(config: str | Path | dict | TuneConfig, *overrides: str) -> dict:
+def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -> dict:
     """Run (or continue) an Optuna study choosing the searched keys on the validation split (never the test set);
     returns its report ({"study", "trials", "best", "out_dir"}) and writes best.yaml, trials.csv and plots in out_dir.
 
     `config` is a tune YAML file, a dict (as a tune YAML would hold) or a loaded TuneConfig, with `overrides`.
+    A grid config (one with `columns:`) instead tunes each of its rows with `tune:` in each column, one study per
+    row and column; that returns {column: {row id: report}}.
     """
+    from cqd.config import load_yaml
     from cqd.engine.tune import tune as _tune
+    from cqd.engine.tune import tune_grid
 
-    if isinstance(config, TuneConfig):
+    if isinstance(config, (TuneConfig, GridConfig)):
         config = config if not overrides else config.model_dump()
-    return _tune(config if isinstance(config, TuneConfig) else load_tune_config(config, list(overrides)))
+    if isinstance(config, GridConfig):
+        return tune_grid(config)
+    if isinstance(config, TuneConfig):
+        return _tune(config)
+    data = config if isinstance(config, dict) else load_yaml(config)
+    if isinstance(data, dict) and "columns" in data:
+        return tune_grid(load_grid_config(config, list(overrides)))
+    return _tune(load_tune_config(config, list(overrides)))

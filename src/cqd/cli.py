@@ -98,19 +98,22 @@ def cmd_table(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from cqd.config import load_tune_config
-
-    tc = load_tune_config(args.config, _overrides(args, "base.data.root"))
     from cqd.api import tune
 
-    res = tune(tc)
+    res = tune(args.config, *_overrides(args, "base.data.root"))
+    studies = [res] if "study" in res else [r for by_row in res.values() for r in by_row.values()]
+    for r in studies:
+        _print_study(r)
+    return 0
+
+
+def _print_study(res: dict) -> None:
     print(f"study {res['study']!r}: " + ", ".join(f"{n} {state}" for state, n in res["trials"].items()))
     if res["best"]:
         best = res["best"]
         values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
         print(f"best val top-1 on z: {100 * best['value']:.1f}% (trial {best['trial']}): {values}")
     print(f"report: {res['out_dir']}/best.yaml, trials.csv, optimization_history.png, param_importances.png")
-    return 0
 
 
 def cmd_multires(args) -> int:

@@ -273,13 +273,95 @@ class ColumnConfig(_Strict):
         return {**base, **self.set}
 
 
+class SearchRange(_Strict):
+    """How `cqd tune` draws one key: a range `{low, high}` (`log: true` for a log scale, `type: int` for whole
+    numbers, `step` for a grid of values) or a list of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    type: Literal["float", "int", "categorical"] | None = Field(None, description="default: categorical with choices, else float")
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "SearchRange":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.type not in (None, "categorical"):
+                raise ValueError("give either choices or a range {low, high}, not both")
+            return self
+        if self.low is None or self.high is None or self.type == "categorical":
+            raise ValueError("give a range {low, high} (e.g. {low: 1, high: 300, log: true}) or a list of choices")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range must lie above 0; low is {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("a log range takes no step")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError("an int range needs whole low, high and step")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "categorical" if self.choices is not None else self.type or "float"
+
+    def values(self) -> list[Any]:
+        """The values a config must accept: the ends of the range, or every choice."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        return [int(v) for v in (self.low, self.high)] if self.kind == "int" else [self.low, self.high]
+
+
+class PrunerConfig(_Strict):
+    """Optuna's MedianPruner: a trial stops when its val top-1 on z falls below the median of earlier trials at that epoch."""
+
+    n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
+    n_warmup_steps: int = Field(0, ge=0, description="epochs of each trial that are never pruned")
+
+
+class StudySettings(_Strict):
+    """Optuna's settings of a study (of `cqd tune`, or of each row x column study of a grid's `tune:`)."""
+
+    n_trials: int = Field(16, ge=1, description="finished trials (complete, pruned or failed) of the study in all, "
+                                                 "whichever processes ran them")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the TPE sampler")
+    storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) to share the study between "
+                                                  "machines; default: sqlite in out_dir/study.db")
+    pruner: PrunerConfig = PrunerConfig()
+    heartbeat_s: int = Field(60, ge=1, description="a running trial records a heartbeat this often; one silent for 2 "
+                                                   "heartbeats (its process was killed) is marked failed by the next trial")
+
+
+def check_search(base: "RunConfig", search: dict[str, SearchRange], where: str = "search") -> None:
+    """Every searched value makes a valid run of `base`'s method (a ConfigError that names the key)."""
+    for key, rng in search.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "method" and parts[1] in METHODS.names() and parts[1] != base.method.name:
+            raise ConfigError(f"{where} key {key!r} is a setting of method {parts[1]!r}, but base.method.name is "
+                              f"{base.method.name!r}: it would change nothing")
+        for value in rng.values():
+            try:
+                RunConfig.model_validate(apply_overrides(base.model_dump(), _dotted({key: value})))
+            except (ValidationError, ConfigError) as e:
+                detail = _format(e, "", RunConfig).split(":\n", 1)[-1].strip() if isinstance(e, ValidationError) else str(e)
+                raise ConfigError(f"{where} key {key!r} with value {value!r} does not make a valid run: {detail}") from None
+
+
 class RowConfig(_Strict):
     """A row: a named set of overrides, e.g. {id: feed3, label: "FEED (3 teachers)", set: {method.name: feed}}.
-    A plain string `cqd` in `rows:` means {id: cqd, set: {method.name: cqd}}."""
+    A plain string `cqd` in `rows:` means {id: cqd, set: {method.name: cqd}}.
+
+    A tuned row takes more overrides from a `best.yaml` of `cqd tune` (`tuned:`, a path in which `{column}` is
+    the column's id), applied after `set`; a row with a search space (`tune:`) is tuned per column by
+    `cqd tune` on the grid config and reads `<out_dir>/tune/<column>/<id>/best.yaml`."""
 
     id: str = Field(pattern=_ID)
     label: str | None = Field(None, description="the row's name in table.md; default: the method's label")
     set: dict[str, Any] = {}
+    tune: dict[str, SearchRange] = Field({}, description="keys `cqd tune` searches for this row, in each column")
+    tuned: str | None = Field(None, description="a best.yaml whose keys this row's cells use ({column}: the column's id); "
+                                                "default for a row with `tune:`: <out_dir>/tune/{column}/<id>/best.yaml")
 
 
 def _row(item: Any) -> Any:
@@ -305,16 +387,19 @@ class GridConfig(_Strict):
     reference: str | None = Field(None, description="text printed under the table (by `cqd table` and in table.md), "
                                                     "e.g. published numbers on other data, labelled as such; "
                                                     "default: the paper's Table 1, in table.md only")
+    tune: StudySettings = Field(StudySettings(), description="the studies of the rows with `tune:` (one per row and "
+                                                             "column, on the first seed), run by `cqd tune`")
 
     @field_validator("rows", mode="before")
     @classmethod
     def _plain_rows(cls, v: Any) -> Any:
         return [_row(item) for item in v] if isinstance(v, list) else v
 
-    def cell(self, column: str, row: RowConfig | str, seed: int) -> RunConfig:
-        """The run config of one cell: base, then the column's overrides, then the row's, then the seed."""
+    def cell(self, column: str, row: RowConfig | str, seed: int, tuned: dict[str, Any] | None = None) -> RunConfig:
+        """The run config of one cell: base, then the column's overrides, then the row's, then its `tuned`
+        values (dotted keys, from the row's best.yaml), then the seed."""
         row = row if isinstance(row, RowConfig) else next(r for r in self.rows if r.id == row)
-        overrides = _dotted({**self.columns[column].overrides(), **row.set}) + [f"seed={seed}"]
+        overrides = _dotted({**self.columns[column].overrides(), **row.set, **(tuned or {})}) + [f"seed={seed}"]
         data = apply_overrides(self.base.model_dump(exclude_unset=False), overrides)
         return RunConfig.model_validate(data)
 
@@ -328,10 +413,18 @@ class GridConfig(_Strict):
         for column in self.columns:
             for row in self.rows:
                 try:
-                    self.cell(column, row, self.seeds[0])
+                    cfg = self.cell(column, row, self.seeds[0])
                 except (ValidationError, ConfigError) as e:
                     detail = _format(e, "", RunConfig).split(":\n", 1)[-1] if isinstance(e, ValidationError) else str(e)
                     raise ValueError(f"row {row.id!r} in column {column!r} does not make a valid run:\n{detail}") from None
+                if row.tune:
+                    if not cfg.data.val_fraction:
+                        raise ConfigError(f"row {row.id!r} is tuned on a validation split, never on the test set: set "
+                                          "base.data.val_fraction (e.g. 0.1)")
+                    check_search(cfg, row.tune, f"row {row.id!r}: tune")
+        for row in self.rows:
+            if row.tune and row.tuned is None:
+                row.tuned = str(Path(self.out_dir) / "tune" / "{column}" / row.id / "best.yaml")
         return self
 
 
@@ -532,54 +625,7 @@ def run_config(data: dict[str, Any] | RunConfig, overrides: list[str] = ()) -> R
     return _validate(RunConfig, data, "(dict)", overrides)
 
 
-class SearchRange(_Strict):
-    """How `cqd tune` draws one key: a range `{low, high}` (`log: true` for a log scale, `type: int` for whole
-    numbers, `step` for a grid of values) or a list of `choices`."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-    type: Literal["float", "int", "categorical"] | None = Field(None, description="default: categorical with choices, else float")
-    choices: list[Any] | None = Field(None, min_length=1)
-
-    @model_validator(mode="after")
-    def _range(self) -> "SearchRange":
-        if self.choices is not None:
-            if self.low is not None or self.high is not None or self.type not in (None, "categorical"):
-                raise ValueError("give either choices or a range {low, high}, not both")
-            return self
-        if self.low is None or self.high is None or self.type == "categorical":
-            raise ValueError("give a range {low, high} (e.g. {low: 1, high: 300, log: true}) or a list of choices")
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range must lie above 0; low is {self.low:g}")
-        if self.log and self.step is not None:
-            raise ValueError("a log range takes no step")
-        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
-            raise ValueError("an int range needs whole low, high and step")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return "categorical" if self.choices is not None else self.type or "float"
-
-    def values(self) -> list[Any]:
-        """The values a config must accept: the ends of the range, or every choice."""
-        if self.kind == "categorical":
-            return list(self.choices)
-        return [int(v) for v in (self.low, self.high)] if self.kind == "int" else [self.low, self.high]
-
-
-class PrunerConfig(_Strict):
-    """Optuna's MedianPruner: a trial stops when its val top-1 on z falls below the median of earlier trials at that epoch."""
-
-    n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
-    n_warmup_steps: int = Field(0, ge=0, description="epochs of each trial that are never pruned")
-
-
-class TuneConfig(_Strict):
+class TuneConfig(StudySettings):
     """A study of `cqd tune`: the base run, the searched keys (dotted, as overrides) and Optuna's settings.
     Each trial trains the base run with the drawn values; the study maximizes val top-1 on z."""
 
@@ -587,13 +633,7 @@ class TuneConfig(_Strict):
     out_dir: str = "runs/tune"
     base: RunConfig = RunConfig()
     search: dict[str, SearchRange] = Field(min_length=1, description="dotted key -> range, e.g. method.cqd.lam: {low: 1, high: 300, log: true}")
-    n_trials: int = Field(16, ge=1, description="finished trials (complete, pruned or failed) of the study in all, "
-                                                 "whichever processes ran them")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the TPE sampler")
-    storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) to share the study between "
-                                                  "machines; default: sqlite in out_dir/study.db")
     study_name: str | None = Field(None, description="default: name")
-    pruner: PrunerConfig = PrunerConfig()
 
     @model_validator(mode="after")
     def _searchable(self) -> "TuneConfig":
@@ -605,17 +645,7 @@ class TuneConfig(_Strict):
         if str(self.base.train.devices) != "1" or self.base.train.num_nodes != 1:
             raise ConfigError("a trial trains in the `cqd tune` process, on one device: keep base.train.devices and "
                               "num_nodes at 1 and start one `cqd tune` per device to share the study")
-        for key, rng in self.search.items():
-            parts = key.split(".")
-            if len(parts) > 2 and parts[0] == "method" and parts[1] in METHODS.names() and parts[1] != self.base.method.name:
-                raise ConfigError(f"search key {key!r} is a setting of method {parts[1]!r}, but base.method.name is "
-                                  f"{self.base.method.name!r}: it would change nothing")
-            for value in rng.values():
-                try:
-                    RunConfig.model_validate(apply_overrides(self.base.model_dump(), _dotted({key: value})))
-                except (ValidationError, ConfigError) as e:
-                    detail = _format(e, "", RunConfig).split(":\n", 1)[-1].strip() if isinstance(e, ValidationError) else str(e)
-                    raise ConfigError(f"search key {key!r} with value {value!r} does not make a valid run: {detail}") from None
+        check_search(self.base, self.search)
         return self
 
 

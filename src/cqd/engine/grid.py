@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cqd.config import GridConfig, RowConfig, RunConfig
+import yaml
+from pydantic import ValidationError
+
+from cqd.config import GridConfig, RowConfig, RunConfig, _format
 from cqd.engine.checkpoint import save_json, weight_settings
 from cqd.engine.model_files import MODEL
 from cqd.engine.teachers import needs_teacher, teacher_run_config
 from cqd.engine.trainer import RESULT
+from cqd.errors import ConfigError
 
 TEACHER_ROW = "hq"  # the row that evaluates the shared teacher f (A -> A and A -> B) instead of training
 
@@ -97,8 +101,44 @@ def _stale(lock: Path, host: str) -> bool:
     return owner.get("host") == host and not _alive(pid)
 
 
-def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: Path) -> RunConfig:
-    cfg = grid.cell(column, row, seed)
+def flatten(nested: dict, prefix: str = "") -> dict:
+    """{'method': {'cqd': {'lam': 50}}} -> {'method.cqd.lam': 50}: a best.yaml back to dotted overrides."""
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def tuned_values(row: RowConfig, column: str) -> dict | None:
+    """The dotted keys a tuned row's cells in `column` take from its best.yaml (None for an untuned row)."""
+    if row.tuned is None:
+        return None
+    path = Path(row.tuned.replace("{column}", column))
+    if not path.is_file():
+        how = ("run `cqd tune` on this grid config first (it tunes every row with `tune:` in every column)" if row.tune
+               else "point `tuned:` at the best.yaml that `cqd tune` wrote")
+        raise ConfigError(f"row {row.id!r} in column {column!r} uses tuned settings from {path}, which does not exist: {how}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"row {row.id!r}: {path} is not valid YAML ({e}); rerun `cqd tune` to write it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"row {row.id!r}: {path} should hold config keys (a mapping), as `cqd tune` writes it")
+    return flatten(data)
+
+
+def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: Path, tuned: bool = True) -> RunConfig:
+    """One cell's run, in `out/cells/<column>/<row>/s<seed>`; a tuned row's values applied unless `tuned` is False
+    (as a study of that row trains it)."""
+    values = tuned_values(row, column) if tuned else None
+    try:
+        cfg = grid.cell(column, row, seed, values)
+    except ValidationError as e:
+        raise ConfigError(f"row {row.id!r} in column {column!r} with its tuned settings {row.tuned}: "
+                          + _format(e, "", RunConfig).split(":\n", 1)[-1].strip()) from None
     cfg.name = f"{column}/{row.id}/s{seed}"
     cfg.out_dir = str(out / "cells" / column / row.id / f"s{seed}")
     cfg.cache_dir = str(out / "cache")

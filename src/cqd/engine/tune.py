@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cqd.config import RunConfig, SearchRange, TuneConfig, _dotted, apply_overrides, run_config
+from cqd.config import GridConfig, RunConfig, SearchRange, TuneConfig, _dotted, apply_overrides, run_config
 from cqd.engine.checkpoint import save_json, save_text, weight_settings
 from cqd.engine.model_files import MODEL
 from cqd.engine.teachers import needs_teacher, teacher_run_config
@@ -92,11 +92,45 @@ def storage(tc: TuneConfig, attempts: int = 5):
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna (since 2.9)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=tc.heartbeat_s,
+                                                  grace_period=2 * tc.heartbeat_s)
         except (IntegrityError, OperationalError):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: float = 5.0) -> dict:
+    """Tune every row with `tune:` in every column: one study per (column, row) on the grid's first seed, in
+    `<out_dir>/tune/<column>/<row>`, whose best.yaml the row's cells then read. A study's trials train the cell
+    as the grid would (the row's settings, the column's twins) against the grid's own teacher of that seed,
+    trained here once if the grid has not yet. Start the same command in several processes to share the studies."""
+    from cqd.engine.grid import cell_config, holder, run_cell, shared_teacher
+
+    out, seed, reports = Path(grid.out_dir), grid.seeds[0], {}
+    rows = [r for r in grid.rows if r.tune]
+    if not rows:
+        raise ConfigError("this grid has no row to tune: give a row a search space, e.g. "
+                          "{id: cqd_tuned, set: {method.name: cqd}, tune: {train.lr: {low: 0.01, high: 0.3, log: true}}}")
+    for column in grid.columns:
+        for row in rows:
+            cfg = cell_config(grid, column, row, seed, out, tuned=False)
+            if needs_teacher(cfg):
+                for k, t in enumerate(cfg.teacher_list):
+                    if t.checkpoint is None:
+                        tcfg = shared_teacher(grid, column, row, seed, k, out)
+                        while run_cell("train", tcfg) is None:
+                            log(f"waiting for teacher {tcfg.name}, trained by another process: {holder(Path(tcfg.out_dir))}")
+                            time.sleep(poll_s)
+                        t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
+            where = out / "tune" / column / row.id
+            tc = TuneConfig(name=f"{grid.name}/{column}/{row.id}", out_dir=str(where), base=cfg, search=row.tune,
+                            **grid.tune.model_dump())
+            log(f"tuning row {row.id!r} in column {column!r}: {', '.join(row.tune)} ({grid.tune.n_trials} trials, seed {seed})")
+            reports.setdefault(column, {})[row.id] = tune(tc, log, poll_s)
+    return reports
 
 
 def shared_teachers(tc: TuneConfig, log: Callable[[str], None], poll_s: float) -> dict:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cqd.engine.checkpoint import save_json, save_text  # noqa: E402
+from cqd.errors import CQDError  # noqa: E402
 
 PAPER_TABLE1 = """\
 Paper's Table 1 (Su and Maji, vgg-m on CUB-200-2011 / Stanford Cars; other data, for reference only):
@@ -46,6 +47,8 @@ def lines(grid) -> list[tuple[str, str, str]]:
         own = cls.table_lines or ((cls.label or row.id, "acc_lq"),)
         if row.label:
             own = [(row.label, k) for _, k in own] if len(own) == 1 else [(f"{row.label}: {lab}", k) for lab, k in own]
+        if row.tuned:
+            own = [(f"{lab} (tuned)", k) for lab, k in own]
         taken = {label for _, label, _ in out}
         out += [(row.id, label if label not in taken else f"{label} [{row.id}]", key) for label, key in own]
     return out
@@ -97,6 +100,29 @@ def markdown(table: dict, title: str, n_seeds: int, labels: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def tuned_settings(grid) -> str:
+    """A markdown table of the values each tuned row uses in each column (from its best.yaml), or ''."""
+    from cqd.engine.grid import tuned_values
+
+    rows = [r for r in grid.rows if r.tuned]
+    if not rows:
+        return ""
+    out = ["", "Tuned settings (chosen on the validation split; from each row's best.yaml):", "",
+           "| Row | " + " | ".join(grid.columns) + " |", "|---|" + "---|" * len(grid.columns)]
+    for row in rows:
+        cells = []
+        for column in grid.columns:
+            try:
+                values = tuned_values(row, column)
+            except CQDError:
+                values = None
+            cells.append("not tuned yet" if values is None else
+                         ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                                   for k, v in values.items()))
+        out.append(f"| {row.id} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def run_rows(cells) -> list[dict]:
     rows = []
     for cell, res in cells:
@@ -137,7 +163,7 @@ def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(cells, grid)
     labels = [label for _, label, _ in lines(grid)]
-    md = markdown(table, grid.name, len(grid.seeds), labels)
+    md = markdown(table, grid.name, len(grid.seeds), labels) + tuned_settings(grid)
     runs = run_rows(cells)
     missing = sum(res is None for _, res in cells)
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
