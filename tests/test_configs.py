@@ -18,6 +18,12 @@ def test_shipped_config_is_valid(path):
         grid = load_grid_config(path)
         for col in grid.columns.values():
             parse_degradation(col.degradation).check(1 if grid.base.data.name == "fashion_mnist" else 3, grid.base.data.image_size)
+    elif "mix" in (load_yaml(path).get("base", {}).get("data") or {}):  # `cqd sym`
+        from cqd.analysis.symtable import load_sym_config
+
+        base = load_sym_config(path).base
+        for spec in base.data.mix.degradations:
+            parse_degradation(spec).check(1, base.data.image_size)
     elif "search" in load_yaml(path):
         cfg = load_tune_config(path).base
         parse_degradation(cfg.data.degradation).check(1, cfg.data.image_size)

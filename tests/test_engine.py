@@ -21,7 +21,7 @@ import torch
 from cqd.cli import main as cli_main
 from cqd.config import run_config
 from cqd.data.paired import PairMaker
-from cqd.engine import precision, trainer
+from cqd.engine import loaders, precision, trainer
 from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.teachers import Teachers
 from cqd.engine.loaders import build_datasets, make_maker
@@ -262,14 +262,14 @@ class _Tripwire:
 
 def _interrupt_before(monkeypatch, epoch: int, step: int) -> None:
     made = []
-    real = trainer.make_maker
+    real = loaders.make_maker
 
     def make(cfg, base):
         made.append(1)
         m = real(cfg, base)
         return _Tripwire(m, epoch, step) if len(made) == 1 else m  # the training maker is made first
 
-    monkeypatch.setattr(trainer, "make_maker", make)
+    monkeypatch.setattr(loaders, "make_maker", make)  # the classification task's maker (cqd.engine.tasks)
 
 
 def _sigint_after_optimizer_step(monkeypatch, n: int) -> None:

@@ -15,8 +15,11 @@ BUILTIN = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet8x4
            "wrn_16_2", "wrn_40_2", "vgg8"]
 
 
+IMAGE_TO_IMAGE = ["edsr"]  # task sr's networks (tests/test_sr.py)
+
+
 def test_list_models_names_the_builtin_nets():
-    assert sorted(BUILTIN) == list_models() == MODELS.names()
+    assert sorted(BUILTIN + IMAGE_TO_IMAGE) == list_models() == MODELS.names()
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])

@@ -35,6 +35,22 @@ def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | Non
     return evaluate_saved(model_path, _cfg(config, overrides))
 
 
+def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: str | Path | None = None,
+           config: str | Path | dict | RunConfig | None = None, check: bool = True) -> dict:
+    """Write a saved model (`model.pt`) as `onnx`, `torchscript` or `pt2` (default path beside it) and check the
+    written file: fp32 logits within 1e-3 of PyTorch's on a test batch; a QAT model goes out in its int8 form
+    (ONNX QDQ or pt2; TorchScript is an error) and its top-1 on the test set within 0.5 points of PyTorch's.
+    The test data come from `config` with `overrides` (default: the run's own config, saved in model.pt).
+    Returns {"path", "format", "form" (fp32/int8), "bytes", "check", "export_s"}."""
+    from cqd.engine.checkpoint import load_model_file
+    from cqd.export import export_model
+
+    cfg = None
+    if config is not None or overrides:
+        cfg = _cfg(config if config is not None else load_model_file(model_path)["config"], overrides)
+    return export_model(model_path, format, out, cfg, check)
+
+
 def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
     """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
 
@@ -42,14 +58,23 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
     called as each cell finishes (the CLI prints progress with it).
     """
     from cqd.engine.grid import collect, run_grid
-    from cqd.reports.table import write_report
+    from cqd.reports import sr_table, table as classification_table
 
     if isinstance(config, GridConfig):
         config = config if not overrides else config.model_dump()
     grid = config if isinstance(config, GridConfig) else load_grid_config(config, list(overrides))
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"
+    write_report = (sr_table if grid.base.task == "sr" else classification_table).write_report  # the task's table
     md, summary = write_report(collect(grid), grid, report_dir)
+    if grid.deploy is not None:  # sizes, latencies and distillation gains, measured in this one process
+        from cqd.compress.report import deploy_report
+        from cqd.engine.checkpoint import save_text
+
+        deploy = deploy_report(collect(grid), grid, report_dir)
+        if deploy:
+            md += deploy
+            save_text((report_dir / "table.md").read_text() + deploy, report_dir / "table.md")
     return {"markdown": md, "table": summary, "report_dir": str(report_dir)}
 
 
@@ -75,3 +100,11 @@ def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -
     if isinstance(data, dict) and "columns" in data:
         return tune_grid(load_grid_config(config, list(overrides)))
     return _tune(load_tune_config(config, list(overrides)))
+
+
+def sym(config: str | Path | dict, *overrides: str, force: bool = False) -> dict:
+    """The sym-parameter table (`cqd sym`): one student conditioned on the quality mix c against K specialists;
+    trains what is missing, scores it and writes `<out_dir>/report/sym.md`; returns {"markdown", "summary", "report_dir"}."""
+    from cqd.analysis.symtable import load_sym_config, sym_table
+
+    return sym_table(load_sym_config(config, list(overrides)), force=force)

@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
 
     res = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
-        print(json.dumps({k: res[k] for k in ("name", "method", "degradation", "acc_hq", "acc_lq", "wall_s", "images_per_s")}, indent=2))
+        keys = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic") if cfg.task == "sr" else ("degradation", "acc_hq", "acc_lq")
+        print(json.dumps({k: res[k] for k in ("name", "method", *keys, "wall_s", "images_per_s")}, indent=2))
     return 0
 
 
@@ -48,6 +49,14 @@ def cmd_eval(args) -> int:
     from cqd.api import evaluate
 
     print(json.dumps(evaluate(args.model, cfg), indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cqd.api import export
+
+    res = export(args.model, args.format, *_overrides(args), out=args.out, config=args.config, check=not args.no_check)
+    print(json.dumps(res, indent=2))
     return 0
 
 
@@ -84,12 +93,14 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
 
     def on_cell(name: str, res: dict) -> None:
         done[0] += 1
-        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: "
-              f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%", flush=True)
+        scores = (f"psnr={res['psnr']:.2f} ssim={res['ssim']:.4f} (bicubic {res['psnr_bicubic']:.2f})"
+                  if res.get("psnr") is not None else f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%")
+        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {scores}", flush=True)
 
     out = table(grid, force=force, on_cell=on_cell)
     print("\n" + out["markdown"])
-    print(f"report: {out['report_dir']}/table.md, table.png, table.json, runs.csv, runs.json ({time.perf_counter() - t0:.0f}s)")
+    written = ", ".join(sorted(f.name for f in Path(out["report_dir"]).iterdir() if f.name != "table.md"))
+    print(f"report: {out['report_dir']}/table.md, {written} ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 
@@ -130,6 +141,25 @@ def cmd_multires(args) -> int:
     return 0
 
 
+def cmd_sym(args) -> int:
+    import time
+
+    from cqd.analysis.symtable import load_sym_config
+
+    cfg = load_sym_config(args.config, _overrides(args, "base.data.root"))
+    from cqd.analysis.symtable import sym_table
+
+    t0 = time.perf_counter()
+
+    def on_cell(name: str, res: dict) -> None:
+        print(f"[{time.perf_counter() - t0:5.0f}s] {name}: acc_lq={100 * (res.get('acc_lq') or 0):.1f}%", flush=True)
+
+    out = sym_table(cfg, force=args.force, on_cell=on_cell)
+    print("\n" + out["markdown"])
+    print(f"report: {out['report_dir']}/sym.md, sym.json ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from cqd.config import load_run_config
 
@@ -159,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="a saved model.pt as ONNX, TorchScript or pt2, checked by running the written file")
+    p.add_argument("--model", required=True, help="model.pt written by `cqd train`")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"],
+                   help="onnx (fp32, or int8 QDQ for a QAT model), torchscript (fp32 only), pt2 (torch.export; fp32 or int8)")
+    p.add_argument("--out", help="output file (default: beside the model: model.onnx, model.ts.pt, model.pt2)")
+    p.add_argument("--no-check", action="store_true", help="write without running the file on the test set")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("table", help="the paper's Table 1: methods x degradations x seeds, resumable")
     _common(p, config_required=True)
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
@@ -184,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("multires", help="multi-quality model (poster): route each test image to f or CQD by predicted quality")
     _common(p)
     p.set_defaults(func=cmd_multires)
+
+    p = sub.add_parser("sym", help="one student conditioned on the quality mix c vs K specialists (sym-parameters)")
+    _common(p, config_required=True)
+    p.add_argument("--force", action="store_true", help="redo runs and scores that already have a result")
+    p.set_defaults(func=cmd_sym)
 
     p = sub.add_parser("explain", help="input-gradient saliency of B and CQD, and tau, the share inside the box (Figure 4)")
     _common(p)

@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from cqd.errors import ConfigError, CQDError
+from cqd.compress.schema import CompressConfig, DeployConfig
 from cqd.methods import METHODS
+from cqd.data.sr import SRConfig
 from cqd.schema import Strict as _Strict
 
 
@@ -37,6 +39,8 @@ def _known_model(name: str) -> str:
     """A built-in model name is checked now; `tv:NAME` / `timm:NAME` when the model is built."""
     if ":" in name:
         source = name.partition(":")[0]
+        if source not in ("tv", "timm") and ":" in name and _is_builtin_spec(name):
+            return name
         if source not in ("tv", "timm"):
             raise ValueError(f"unknown model source {source!r} in {name!r}; use 'tv:NAME', 'timm:NAME' or a built-in name")
         return name
@@ -47,6 +51,41 @@ def _known_model(name: str) -> str:
     except CQDError as e:
         raise ValueError(f"{e} Torchvision and timm models are named 'tv:NAME' and 'timm:NAME'.") from None
     return name
+
+
+def _is_builtin_spec(name: str) -> bool:
+    """A built-in model with keys (`edsr:blocks=8,feats=32`): True when its keys are right, an error when not."""
+    from cqd.models.factory import MODELS, builtin_spec
+
+    if name.partition(":")[0] not in MODELS:
+        return False
+    try:
+        builtin_spec(name)
+    except CQDError as e:
+        raise ValueError(str(e)) from None
+    return True
+
+
+class MixConfig(_Strict):
+    """`data.mix`: z is the blend sum_k c_k T_k(x) of K degradations, c ~ Dirichlet(alpha) per sample and
+    epoch (`cqd.data.blend`); it replaces data.degradation, and the Pair carries c."""
+
+    degradations: list[str] = Field(min_length=2, description="the K degradation specs T_1..T_K")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the training mixes (SGN's 0.5: mostly near the corners)")
+    c: list[float] | None = Field(None, description="one fixed mix for every sample (a test set at that c); default: drawn")
+
+    @model_validator(mode="after")
+    def _mixable(self) -> "MixConfig":
+        from cqd.data.blend import check_mixable
+
+        try:
+            check_mixable(self.degradations)
+        except CQDError as e:
+            raise ValueError(str(e)) from None
+        if self.c is not None and (len(self.c) != len(self.degradations) or min(self.c) < 0 or abs(sum(self.c) - 1) > 1e-4):
+            raise ValueError(f"c={self.c} must be a point on the simplex with one weight per degradation "
+                             f"({len(self.degradations)}): every weight >= 0, summing to 1")
+        return self
 
 
 class DataConfig(_Strict):
@@ -66,6 +105,7 @@ class DataConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the degraded twins (fixed across runs and methods)")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
+    mix: MixConfig | None = Field(None, description="blend K degradations per sample (sym-parameter runs); replaces degradation")
 
     @field_validator("name")
     @classmethod
@@ -216,13 +256,17 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     out_dir: str = "runs/run"
     cache_dir: str = "runs/cache"
+    task: Literal["classification", "sr"] = Field("classification", description="classification (the paper's) or sr "
+                                                   "(super-resolution: image-to-image, PSNR/SSIM; settings in `sr:`)")
     model: str = "resnet8"
     pretrained: bool | str = False
     data: DataConfig = DataConfig()
+    sr: SRConfig = Field(SRConfig(), description="settings of task sr: scale, patches, images")
     teacher: TeacherConfig = Field(TeacherConfig(), description="the one teacher f (a one-item `teachers` list)")
     teachers: list[TeacherConfig] = Field([], description="several teachers; use this or `teacher`, not both")
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
+    compress: CompressConfig = Field(CompressConfig(), description="prune and/or quantization-aware training of g")
 
     @field_validator("model")
     @classmethod
@@ -233,6 +277,23 @@ class RunConfig(_Strict):
     def _one_teacher_key(self) -> "RunConfig":
         if self.teachers and self.teacher != TeacherConfig():
             raise ValueError("give the teachers either as `teacher:` (one) or as `teachers:` (a list), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _mix_size(self) -> "RunConfig":
+        """A method conditioned on the mix (`mix_conditioned`) needs data.mix; its `k` (K) follows the mix.
+        (A ConfigError, not a ValueError: pydantic would append the whole config to the message.)"""
+        if not getattr(METHODS.get(self.method.name), "mix_conditioned", False):
+            return self
+        p, mix = self.method.params, self.data.mix
+        if mix is None:
+            raise ConfigError(f"method {self.method.name!r} is conditioned on the mix c of K degradations: set data.mix, "
+                             "e.g. data.mix.degradations=[lowres:size=8,blur:sigma=1.5,noise:std=0.2,jpeg:quality=10]")
+        if p.k is None:
+            p.k = len(mix.degradations)
+        elif p.k != len(mix.degradations):
+            raise ConfigError(f"method.{self.method.name}.k={p.k} but data.mix has {len(mix.degradations)} degradations; "
+                             "leave k unset (null) to follow the mix")
         return self
 
     @property
@@ -389,6 +450,8 @@ class GridConfig(_Strict):
                                                     "default: the paper's Table 1, in table.md only")
     tune: StudySettings = Field(StudySettings(), description="the studies of the rows with `tune:` (one per row and "
                                                              "column, on the first seed), run by `cqd tune`")
+    deploy: DeployConfig | None = Field(None, description="after the cells: export, size and latency of each row's "
+                                                          "first-seed model, and each pair's distillation gain")
 
     @field_validator("rows", mode="before")
     @classmethod
@@ -422,6 +485,10 @@ class GridConfig(_Strict):
                         raise ConfigError(f"row {row.id!r} is tuned on a validation split, never on the test set: set "
                                           "base.data.val_fraction (e.g. 0.1)")
                     check_search(cfg, row.tune, f"row {row.id!r}: tune")
+        unknown = [r for pair in (self.deploy.pairs if self.deploy else []) for r in pair if r not in ids]
+        if unknown:
+            raise ValueError(f"deploy.pairs names rows {', '.join(map(repr, unknown))} that the grid does not have "
+                             f"(its rows: {', '.join(ids)})")
         for row in self.rows:
             if row.tune and row.tuned is None:
                 row.tuned = str(Path(self.out_dir) / "tune" / "{column}" / row.id / "best.yaml")

@@ -24,6 +24,7 @@ class Pair:
     y: Tensor  # (B,) labels
     box: Tensor  # (B, 4) the object's box in z, xyxy pixels
     index: Tensor  # (B,) dataset indices
+    c: Tensor | None = None  # (B, K) the mix of K degradations z was blended from (data.mix), else None
 
     def __len__(self) -> int:
         return self.y.shape[0]

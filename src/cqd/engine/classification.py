@@ -11,9 +11,10 @@ import torch
 @torch.no_grad()
 def evaluate(models: dict, views, loader, maker, fabric) -> dict[str, float]:
     """{prefix + 'acc_' + view: top-1}: `views(pair)` gives each view's (inputs, targets) (x: acc_hq,
-    z: acc_lq); `models` maps a prefix ('' for the student) to a network. Synced across ranks: each
-    rank counts its correct and total predictions, and one all-reduce sums them (an exact integer sum;
-    torchmetrics' MulticlassAccuracy did the same, but importing torchmetrics cost every process ~2 s)."""
+    z: acc_lq; inputs may be a tuple of a network's arguments, e.g. (z, c) for a mix-conditioned net);
+    `models` maps a prefix ('' for the student) to a network. Synced across ranks: each rank counts its
+    correct and total predictions, and one all-reduce sums them (an exact integer sum; torchmetrics'
+    MulticlassAccuracy did the same, but importing torchmetrics cost every process ~2 s)."""
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
@@ -24,7 +25,7 @@ def evaluate(models: dict, views, loader, maker, fabric) -> dict[str, float]:
             for prefix, model in models.items():
                 key = f"{prefix}{'/' if prefix else ''}acc_{view}"
                 with fabric.autocast():
-                    pred = model(inputs).float().argmax(1)
+                    pred = (model(*inputs) if isinstance(inputs, tuple) else model(inputs)).float().argmax(1)
                 c = counts.setdefault(key, torch.zeros(2, dtype=torch.long, device=fabric.device))
                 c[0] += (pred == targets).sum()
                 c[1] += targets.numel()

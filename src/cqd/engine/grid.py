@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from cqd.config import GridConfig, RowConfig, RunConfig, _format
 from cqd.engine.checkpoint import save_json, weight_settings
 from cqd.engine.model_files import MODEL
+from cqd.engine.tasks import result_of, task_of
 from cqd.engine.teachers import needs_teacher, teacher_run_config
 from cqd.engine.trainer import RESULT
 from cqd.errors import ConfigError
@@ -148,7 +149,8 @@ def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: P
 # Settings that do not change a teacher's weights: left out when telling teachers apart.
 _NOT_THE_TEACHER = ("name", "out_dir", "cache_dir", "seed", "data.degradation", "data.lq_view", "data.twin_cache_mb",
                     "data.num_workers", "train.progress", "train.eval_every", "train.cache_teacher",
-                    "train.feature_cache_mb", "data.hq_view", "data.hq_degradation")
+                    "train.feature_cache_mb", "data.hq_view", "data.hq_degradation", "data.mix",
+                    "sr.test")
 
 
 def _teacher_digest(tcfg: RunConfig) -> str:
@@ -174,12 +176,12 @@ def shared_teacher(grid: GridConfig, column: str, row: RowConfig, seed: int, k: 
     return tcfg
 
 
-def _evaluates_a_teacher(row: RowConfig) -> bool:
+def _evaluates_a_teacher(row: RowConfig, teacher_method: str = TEACHER_ROW) -> bool:
     """The teacher row `hq`, and any row of method hq that sets only the teacher (e.g. `{id: r14, set:
     {method.name: hq, teacher: {model: resnet14}}}`): f is evaluated on the column's views, not trained
     again (a row that also sets the student's keys trains a network on x)."""
     keys = set(row.set) - {"method.name"}
-    return row.set.get("method.name") == TEACHER_ROW and all(k.split(".")[0] in ("teacher", "teachers") for k in keys)
+    return row.set.get("method.name") == teacher_method and all(k.split(".")[0] in ("teacher", "teachers") for k in keys)
 
 
 def plan(grid: GridConfig, out: Path) -> list[Cell]:
@@ -191,7 +193,7 @@ def plan(grid: GridConfig, out: Path) -> list[Cell]:
         for column in grid.columns:
             for row in grid.rows:
                 cfg = cell_config(grid, column, row, seed, out)
-                evaluates_f = _evaluates_a_teacher(row)
+                evaluates_f = _evaluates_a_teacher(row, task_of(cfg).teacher_method)  # sr: sr_teacher
                 if evaluates_f or needs_teacher(cfg):
                     for k, t in enumerate(cfg.teacher_list):
                         if t.checkpoint is None:
@@ -234,8 +236,8 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dic
         t0 = time.perf_counter()
         teacher_result = json.loads((Path(cfg.teacher.checkpoint).parent / RESULT).read_text())
         res = evaluate_saved(cfg.teacher.checkpoint, cfg)
-        res = {**teacher_result, "name": cfg.name, "degradation": cfg.data.degradation, "acc_lq": res["acc_lq"],
-               "acc_hq": res["acc_hq"], "eval_s": time.perf_counter() - t0, "config": cfg.model_dump()}
+        res = {**teacher_result, "name": cfg.name, "degradation": cfg.data.degradation, **result_of(cfg, res),
+               "eval_s": time.perf_counter() - t0, "config": cfg.model_dump()}
         save_json(res, result)
         return res
 

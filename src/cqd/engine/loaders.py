@@ -62,11 +62,18 @@ def eval_loader(cfg, ds, base, rank: int = 0, world: int = 1) -> DataLoader:
 
 
 def make_maker(cfg, base, hq_view: str | None = None, hq_degradation: str | None = None) -> PairMaker:
-    """The run's PairMaker; with `hq_view`/`hq_degradation`, one that makes a teacher's own x."""
-    maker = PairMaker(cfg.data.degradation, hq_view or cfg.data.hq_view, cfg.data.lq_view,
-                      hq_degradation or cfg.data.hq_degradation, seed=cfg.data.seed,
-                      fresh_each_epoch=cfg.data.fresh_each_epoch,
-                      mean=getattr(base, "mean", (0.485, 0.456, 0.406)), std=getattr(base, "std", (0.229, 0.224, 0.225)),
-                      channels_last=cfg.train.channels_last)
+    """The run's PairMaker (a BlendMaker with `data.mix`); with `hq_view`/`hq_degradation`, one that makes a
+    teacher's own x."""
+    common = {"hq_view": hq_view or cfg.data.hq_view, "lq_view": cfg.data.lq_view,
+              "hq_degradation": hq_degradation or cfg.data.hq_degradation, "seed": cfg.data.seed,
+              "fresh_each_epoch": cfg.data.fresh_each_epoch, "mean": getattr(base, "mean", (0.485, 0.456, 0.406)),
+              "std": getattr(base, "std", (0.229, 0.224, 0.225)), "channels_last": cfg.train.channels_last}
+    mix = getattr(cfg.data, "mix", None)
+    if mix is not None:
+        from cqd.data.blend import BlendMaker
+
+        maker = BlendMaker(mix.degradations, mix.alpha, None if mix.c is None else [mix.c], **common)
+    else:
+        maker = PairMaker(cfg.data.degradation, **common)
     maker.prepare(base)
     return maker

@@ -26,14 +26,24 @@ def load_model(path: str | Path, num_classes: int | None = None, in_chans: int |
     if in_chans is not None and ck["in_chans"] != in_chans:
         raise CheckpointError(f"{path} takes {ck['in_chans']}-channel images but this dataset has {in_chans} channels")
     model = create_model(ck["model_name"], num_classes=ck["num_classes"], in_chans=ck["in_chans"])
+    if ck.get("sym") is not None:  # a network conditioned on the mix c: its gates around the same net
+        from cqd.models.sym import SymNet
+
+        model = SymNet(model, **ck["sym"])
+    if ck.get("compress"):  # a pruned and/or fake-quant g: its shapes and graph first, then its weights
+        from cqd.compress.compressor import rebuild
+
+        model = rebuild(model, ck["compress"], str(path))
     load_state(model, ck["model"], path, f"weights of model {ck['model_name']!r}")
     return model, ck
 
 
-def save_model(model: nn.Module, cfg, num_classes: int, in_chans: int, path: Path) -> None:
-    """`model.pt`: the weights, what rebuilds the network (name, classes, channels) and the run's config."""
-    save_checkpoint({"model_name": cfg.model, "num_classes": num_classes, "in_chans": in_chans,
-                     "model": model.state_dict(), "config": cfg.model_dump()}, path)
+def save_model(model: nn.Module, cfg, num_classes: int, in_chans: int, path: Path, compress: dict | None = None) -> None:
+    """`model.pt`: the weights, what rebuilds the network (name, classes, channels; for a compressed g the pruned
+    layers' channels and whether it is a fake-quant graph: `compress`) and the run's config."""
+    save_checkpoint({"model_name": getattr(model, "model_name", None) or cfg.model, "num_classes": num_classes, "in_chans": in_chans,
+                     "model": model.state_dict(), "config": cfg.model_dump(), "sym": getattr(model, "sym_spec", None),
+                     "compress": compress}, path)
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:

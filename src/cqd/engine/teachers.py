@@ -30,9 +30,10 @@ def needs_teacher(cfg) -> bool:
 
 
 def teacher_run_config(cfg, k: int = 0):
-    """The run that trains teacher k when it has no checkpoint: method hq on the teacher's model, seed,
-    view and x degradation, in `<out_dir>/teacher` (k = 0) or `<out_dir>/teacher<k>`."""
+    """The run that trains teacher k when it has no checkpoint: method hq (the task's teacher method) on
+    the teacher's model, seed, view and x degradation, in `<out_dir>/teacher` (k = 0) or `<out_dir>/teacher<k>`."""
     from cqd.config import MethodConfig, TeacherConfig
+    from cqd.engine.tasks import task_of
 
     t = cfg.teacher_list[k]
     tcfg = cfg.model_copy(deep=True)
@@ -40,8 +41,11 @@ def teacher_run_config(cfg, k: int = 0):
     tcfg.seed = cfg.seed if t.seed is None else t.seed
     tcfg.data.hq_view = t.view or cfg.data.hq_view
     tcfg.data.hq_degradation = t.degradation or cfg.data.hq_degradation
-    tcfg.method = MethodConfig(name="hq")
+    task = task_of(cfg)
+    tcfg.method = MethodConfig(name=task.teacher_method)
+    task.teacher_run(cfg, tcfg)
     tcfg.teacher, tcfg.teachers = TeacherConfig(), []
+    tcfg.compress = type(cfg.compress)()  # f is never compressed: a compressed g starts from the full f
     suffix = "" if k == 0 else str(k)
     tcfg.out_dir, tcfg.name = str(Path(cfg.out_dir) / f"teacher{suffix}"), f"{cfg.name}-teacher{suffix}"
     return tcfg
@@ -55,7 +59,7 @@ def teacher_file(cfg, k: int, train: Callable, log: Callable[[str], None]) -> Pa
     tcfg = teacher_run_config(cfg, k)
     path = Path(tcfg.out_dir) / MODEL
     if not path.is_file():
-        log(f"no checkpoint for teacher {k}: training it (method hq) into {tcfg.out_dir}")
+        log(f"no checkpoint for teacher {k}: training it (method {tcfg.method.name}) into {tcfg.out_dir}")
         train(tcfg, resume=True)
     return path
 
@@ -64,7 +68,10 @@ class Teachers:
     """The loaded, frozen teachers of a run, each with the maker of its own x when its view differs."""
 
     def __init__(self, cfg, base_train, num_classes: int, in_chans: int, fabric, train: Callable, log):
+        from cqd.engine.tasks import task_of
+
         self.cfg, self.fabric, self.log = cfg, fabric, log
+        self.input_of = task_of(cfg).teacher_input  # x (classification) or z (sr): what f sees when it has no maker of its own
         self.models: list[nn.Module] = []
         self.paths: list[str] = []
         self.makers = []  # None: the teacher sees the run's x
@@ -92,7 +99,7 @@ class Teachers:
 
     def _input(self, k: int, batch: dict, pair, epoch: int) -> Tensor:
         maker = self.makers[k]
-        return pair.x if maker is None else maker.normalize(maker.hq(batch, self.fabric.device, epoch))
+        return self.input_of(pair) if maker is None else maker.normalize(maker.hq(batch, self.fabric.device, epoch))
 
     def cache(self, train_ds, base_train, all_loader, run_maker) -> None:
         """Compute what can be computed once (x fixed and `train.cache_teacher`): logits on disk, tapped maps on the device."""

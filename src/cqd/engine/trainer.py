@@ -18,15 +18,18 @@ from pathlib import Path
 import torch
 from lightning_fabric import Fabric
 
+from cqd.compress.compressor import Compressor, fp32_for_qat
+from cqd.compress.pruning import count_params
 from cqd.config import RunConfig, run_config
-from cqd.engine import classification, phases
+from cqd.engine import phases
 from cqd.engine.checkpoint import FORMAT, load_resume_checkpoint, load_state, save_checkpoint, save_json, save_text
-from cqd.engine.loaders import build_datasets, eval_loader, make_loader, make_maker, val_dataset
+from cqd.engine.loaders import eval_loader, make_loader, val_dataset
 from cqd.engine.model_files import MODEL, build_model, same_architecture, save_model
 from cqd.engine.precision import flush_denormals, make_fabric
 from cqd.engine.rounds import rounds_of, train_rounds
 from cqd.engine.sampling import EpochSampler
 from cqd.engine.signals import stop_on_signal
+from cqd.engine.tasks import task_of
 from cqd.engine.teachers import Teachers, needs_teacher
 from cqd.errors import CheckpointError, ConfigError, TrainingDiverged
 from cqd.methods import METHODS, Step
@@ -51,27 +54,41 @@ class Run:
     """Everything one training run holds; `fit` is the loop."""
 
     def __init__(self, cfg: RunConfig, resume: bool, fabric: Fabric | None):
+        cfg, precision_note = fp32_for_qat(cfg)
         self.cfg, t = cfg, cfg.train
         method_cls = METHODS.get(cfg.method.name)
         if fabric is None:
             fabric = make_fabric(t, find_unused=method_cls.ddp_find_unused)
             fabric.launch()
+        elif cfg.compress.qat and fabric.strategy.precision.precision != "32-true":
+            raise ConfigError(f"compress.qat trains in fp32, but the given Fabric runs at precision "
+                              f"{fabric.strategy.precision.precision}; pass one made with precision 32-true")
         self.fabric, self.log, self.out = fabric, fabric.print, Path(cfg.out_dir)
+        if precision_note:
+            self.log(precision_note)
 
         torch.manual_seed(cfg.seed)
-        self.train_ds, test_ds, base_train, base_test = build_datasets(cfg)
-        self.num_classes, self.in_chans = method_cls.num_outputs(base_train.num_classes), base_train.in_chans
-        self.maker, self.test_maker = make_maker(cfg, base_train), make_maker(cfg, base_test)
+        self.task = task_of(cfg)  # classification or sr: datasets, pair maker, metrics
+        self.train_ds, test_ds, base_train, base_test = self.task.build_datasets(cfg)
+        self.num_classes, self.in_chans = method_cls.num_outputs(base_train.num_classes, cfg.method.params), base_train.in_chans
+        self.maker, self.test_maker = self.task.make_maker(cfg, base_train), self.task.make_maker(cfg, base_test)
 
         self.teachers = (Teachers(cfg, base_train, base_train.num_classes, self.in_chans, fabric, train, self.log)
                          if needs_teacher(cfg) else None)
         torch.manual_seed(cfg.seed)
-        student = build_model(cfg.model, self.num_classes, self.in_chans, cfg.pretrained, t.channels_last)
+        student = build_model(self.task.model_name(cfg, cfg.model), self.num_classes, self.in_chans, cfg.pretrained, t.channels_last)
         self._start_from_teacher(student, method_cls)
+        student = student.to(fabric.device)
         sample = torch.zeros(2, self.in_chans, cfg.data.image_size, cfg.data.image_size, device=fabric.device)
-        self.method = method_cls(student.to(fabric.device), cfg.method.params,
+        self.compressor = None
+        if cfg.compress.active:  # prune g before the method sizes its own parts to it
+            self.compressor = Compressor(cfg, sample.shape[1:], self._task_batches(base_train), self.log)
+            self.compressor.before_method(student, sample)
+        self.method = method_cls(student, cfg.method.params,
                                  self.teachers.models if self.teachers else (), sample)
         self.method.transform_student()
+        if self.compressor:
+            self.compressor.after_method(self.method)
         if self.teachers:
             self.teachers.tap(self.method.teacher_taps)
 
@@ -104,11 +121,25 @@ class Run:
             raise ConfigError(f"method {self.cfg.method.name!r} starts the student from the teacher, so model "
                               f"{self.cfg.model!r} must match the teacher's architecture; use method cqd for compression")
 
+    def _task_batches(self, base_train):
+        """batches(n): the first n training batches as (z, y), in item order (pruning's Taylor importance, BatchNorm recalibration)."""
+        def batches(n: int):
+            loader = eval_loader(self.cfg, self.train_ds, base_train)
+            for _, batch in zip(range(n), loader):
+                pair = self.maker(batch, self.fabric.device)
+                yield pair.z, pair.y
+        return batches
+
+    def _epoch_hooks(self, epoch: int) -> bool:
+        """The method's end-of-epoch hook, then compression's; True when either changed the student."""
+        changed = self.method.on_epoch_end(epoch)
+        return bool(self.compressor and self.compressor.on_epoch_end(self.method, epoch)) or changed
+
     def _fix_twins(self, method_cls, all_loader, size: int) -> None:
         """With fixed pairs the twins z are made once, before the first step (skipped by methods that never see z)."""
         d = self.cfg.data
-        mb = len(self.train_ds) * self.in_chans * d.image_size ** 2 * 4 / 2**20
-        if method_cls.uses_z and not d.fresh_each_epoch and self.maker.T.spec() != "none" and mb <= d.twin_cache_mb:
+        mb = len(self.train_ds) * self.in_chans * d.image_size ** 2 * 4 / 2**20 * getattr(self.maker, "k", 1)  # K twins of a mix
+        if self.task.fixes_twins and method_cls.uses_z and not d.fresh_each_epoch and self.maker.T.spec() != "none" and mb <= d.twin_cache_mb:
             t0 = time.perf_counter()
             n = self.maker.fix_twins(all_loader, self.fabric.device, size)
             self.log(f"degraded twins: made once for {n} items ({mb:.0f} MB on {self.fabric.device}, {time.perf_counter() - t0:.1f}s)")
@@ -129,7 +160,7 @@ class Run:
             self.start_epoch, self.start_step, self.history = ck["epoch"], ck["step_in_epoch"], ck["history"][: ck["epoch"]]
         offset = 0
         for epoch in range(self.start_epoch):
-            if self.method.on_epoch_end(epoch):
+            if self._epoch_hooks(epoch):
                 offset = (epoch + 1) * self.steps_per_epoch
         self._optimizers(offset)
         if ck is None:
@@ -232,11 +263,13 @@ class Run:
         row = {"epoch": epoch + 1, "lr": self.scheds[next(iter(self.scheds))].get_last_lr()[0],
                "images_per_s": self.n_new * fabric.world_size / max(dt, 1e-9)}
         row.update({k: float(v / max(float(totals[-1]), 1)) for k, v in zip(sums, totals[:-1])})
+        if self.compressor and epoch + 1 == t.epochs:  # a compressed g's BatchNorm statistics, re-estimated once at the end
+            self.compressor.recalibrate(self.method.student)
         if (t.eval_every and (epoch + 1) % t.eval_every == 0) or epoch + 1 == t.epochs:
             row.update(self.evaluate())
         self.history.append(row)
         self._warn_if_exploding(row)
-        if self.method.on_epoch_end(epoch):
+        if self._epoch_hooks(epoch):
             self._optimizers(offset=(epoch + 1) * self.steps_per_epoch)
         self._checkpoint(epoch + 1, 0)
         self.at.update(epoch=epoch + 1, step=0, sums={}, n=0)
@@ -265,10 +298,10 @@ class Run:
             # stats of their own last batch; give every rank rank 0's, as model.pt holds.
             for b in self.method.buffers():
                 torch.distributed.broadcast(b.data, src=0)
-        metrics = classification.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
+        metrics = self.task.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
                                           self.test_maker, self.fabric)
         if self.val_loader is not None:
-            val = classification.evaluate(self.method.eval_models(), self.method.eval_views, self.val_loader,
+            val = self.task.evaluate(self.method.eval_models(), self.method.eval_views, self.val_loader,
                                           self.maker, self.fabric)
             metrics.update({f"val_{k}": v for k, v in val.items()})
         return metrics
@@ -281,6 +314,7 @@ class Run:
         if self.fabric.is_global_zero:
             save_checkpoint({"format": FORMAT, "model_name": self.cfg.model, "num_classes": self.num_classes,
                              "in_chans": self.in_chans, "model": self.method.deployable().state_dict(),
+                             "compress": self.compressor.record() if self.compressor else None,
                              "method": self.method.state_dict(),
                              "optimizers": {k: o.state_dict() for k, o in self.opts.items()},
                              "schedulers": {k: s.state_dict() for k, s in self.scheds.items()},
@@ -316,13 +350,17 @@ class Run:
         result = {"name": cfg.name, "method": cfg.method.name, "model": cfg.model, "seed": cfg.seed,
                   "degradation": cfg.data.degradation, "acc_hq": final.get("acc_hq"), "acc_lq": final.get("acc_lq"),
                   "val_acc_hq": final.get("val_acc_hq"), "val_acc_lq": final.get("val_acc_lq"),
+                  **{k: final.get(k) for k in self.task.metrics},
                   "wall_s": time.perf_counter() - self.t0, "train_s": self.train_s,
                   "images_per_s": self.seen / self.train_s if self.train_s else None,
                   "teacher": teachers[0] if teachers else None, "teachers": teachers,
                   "world_size": fabric.world_size, "precision": fabric.strategy.precision.precision,
+                  "params": count_params(self.method.deployable()),
+                  "compress": self.compressor.record() if self.compressor else None,
                   "history": self.history, "config": cfg.model_dump()}
         if fabric.is_global_zero:
-            save_model(self.method.deployable(), cfg, self.num_classes, self.in_chans, self.out / MODEL)
+            save_model(self.method.deployable(), cfg, self.num_classes, self.in_chans, self.out / MODEL,
+                       self.compressor.record() if self.compressor else None)
             save_json(result, self.out / RESULT)
         fabric.barrier()
         return result

@@ -83,8 +83,8 @@ class Method(nn.Module):
         return cls.uses_teacher or cls.init_from_teacher == "always" or cfg.method.init == "teacher"
 
     @classmethod
-    def num_outputs(cls, num_classes: int) -> int:
-        """The student's head size for a dataset of `num_classes` classes."""
+    def num_outputs(cls, num_classes: int, params: Strict | None = None) -> int:
+        """The student's head size for a dataset of `num_classes` classes (`params`: the method's section)."""
         return num_classes
 
     def forward(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:

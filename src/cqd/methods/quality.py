@@ -16,7 +16,7 @@ class QualityPredictor(Method):
     label = "quality predictor (0 = x, 1 = z)"
 
     @classmethod
-    def num_outputs(cls, num_classes: int) -> int:
+    def num_outputs(cls, num_classes: int, params=None) -> int:
         return 2
 
     def forward(self, step):

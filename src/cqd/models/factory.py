@@ -10,6 +10,7 @@ and a 3-channel stem, which is adapted to `in_chans`.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -54,7 +55,8 @@ def create_model(
     elif sep and source == "timm":
         model = _timm(arch, num_classes, in_chans, download)
     else:
-        builder = _builtin(name)
+        builder, kwargs = builtin_spec(name)
+        builder = functools.partial(builder, **kwargs) if kwargs else builder
         if download:
             raise CQDError(
                 f"Model {name!r} is one of the small CIFAR nets, which have no pretrained weights; "
@@ -66,6 +68,34 @@ def create_model(
         _load_file(model, pretrained, name)
     model.num_classes, model.in_chans, model.model_name = num_classes, in_chans, name
     return model
+
+
+def builtin_spec(name: str) -> tuple[Callable[..., nn.Module], dict]:
+    """(builder, keyword arguments) of a built-in model named `name` or `name:key=value,...`
+    (e.g. `edsr:blocks=8,feats=32`): each key must be a keyword of the builder; values are read
+    as int, float or bool by the builder's defaults."""
+    import inspect
+
+    base, sep, params = name.partition(":")
+    builder = _builtin(base)
+    if not sep:
+        return builder, {}
+    sig = inspect.signature(builder)
+    keys = [k for k in sig.parameters if k not in ("num_classes", "in_chans")]
+    kwargs: dict = {}
+    for item in params.split(","):
+        key, eq, raw = (s.strip() for s in item.partition("="))
+        if not eq or not key or key not in keys or key in kwargs:
+            why = ("expected key=value" if not eq or not key else f"{key!r} given twice" if key in kwargs
+                   else f"no key {key!r}")
+            raise CQDError(f"model {name!r}: {why}; {base} takes {', '.join(keys) or 'no keys'} "
+                           f"(e.g. '{base}:{keys[0] if keys else 'key'}=...')")
+        default = sig.parameters[key].default
+        try:
+            kwargs[key] = (raw.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(raw)
+        except (TypeError, ValueError):
+            raise CQDError(f"model {name!r}: {key}={raw!r} should be a {type(default).__name__}") from None
+    return builder, kwargs
 
 
 def _builtin(name: str) -> Callable[[int, int], nn.Module]:
