@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -5,13 +5,12 @@ Columns are the grid's columns (e.g. x2, x4); rows its rows, labelled by the row
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import statistics
 from pathlib import Path
 
-from cqd.engine.checkpoint import save_json, save_text
+from cqd.engine.checkpoint import save_text
+from cqd.engine.sr import METRICS
+from cqd.reports.table import run_rows, write_runs
 
 BICUBIC = "bicubic"
 
@@ -68,38 +67,17 @@ def markdown(table: dict, grid) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_rows(cells) -> list[dict]:
-    rows = []
-    for cell, res in cells:
-        if res is None:
-            continue
-        cfg = cell.cfg
-        rows.append({"name": cfg.name, "kind": cell.kind, "row": cell.row, "method": cfg.method.name, "seed": cfg.seed,
-                     "scale": cfg.sr.scale, **{k: res.get(k) for k in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")},
-                     "wall_s": res.get("wall_s"), "images_per_s": res.get("images_per_s"),
-                     "precision": res.get("precision"), "config": json.dumps(cfg.model_dump(), sort_keys=True)})
-    return rows
-
-
 def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     """table.md (with the grid's `reference` text under it), table.json, runs.csv, runs.json and crops.png."""
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(cells, grid)
     md = markdown(table, grid)
-    runs = run_rows(cells)
+    runs = run_rows(cells, lambda cfg: {"scale": cfg.sr.scale}, METRICS)
     missing = sum(res is None for _, res in cells)
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
     ref = "" if grid.reference is None else "\n" + grid.reference.rstrip("\n") + "\n"
     save_text(md + note + ref, out / "table.md")
-    save_json({"title": grid.name, "seeds": grid.seeds, "table": table,
-               "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}, out / "table.json")
-    save_json(runs, out / "runs.json")
-    buf = io.StringIO()
-    if runs:
-        w = csv.DictWriter(buf, fieldnames=list(runs[0]))
-        w.writeheader()
-        w.writerows(runs)
-    save_text(buf.getvalue(), out / "runs.csv")
+    write_runs(runs, grid, table, out)
     if not missing:
         crops_figure(cells, grid, out / "crops.png")
     return md + note + ref, table

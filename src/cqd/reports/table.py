@@ -123,17 +123,31 @@ def tuned_settings(grid) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_rows(cells) -> list[dict]:
+def run_rows(cells, describe=lambda cfg: {"degradation": cfg.data.degradation}, metrics=("acc_hq", "acc_lq")) -> list[dict]:
+    """One row per finished run: its name, kind, row, method, seed, `describe(cfg)`, `metrics`, speed and config."""
     rows = []
     for cell, res in cells:
         if res is None:
             continue
         cfg = cell.cfg
         rows.append({"name": cfg.name, "kind": cell.kind, "row": cell.row, "method": cfg.method.name, "seed": cfg.seed,
-                     "degradation": cfg.data.degradation, "acc_hq": res.get("acc_hq"), "acc_lq": res.get("acc_lq"),
+                     **describe(cfg), **{k: res.get(k) for k in metrics},
                      "wall_s": res.get("wall_s"), "images_per_s": res.get("images_per_s"),
                      "precision": res.get("precision"), "config": json.dumps(cfg.model_dump(), sort_keys=True)})
     return rows
+
+
+def write_runs(runs: list[dict], grid, table: dict, out: Path) -> None:
+    """table.json (the summary and the runs without their configs), runs.json and runs.csv."""
+    save_json({"title": grid.name, "seeds": grid.seeds, "table": table,
+               "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}, out / "table.json")
+    save_json(runs, out / "runs.json")
+    buf = io.StringIO()
+    if runs:
+        w = csv.DictWriter(buf, fieldnames=list(runs[0]))
+        w.writeheader()
+        w.writerows(runs)
+    save_text(buf.getvalue(), out / "runs.csv")
 
 
 def bar_chart(table: dict, path: Path, labels: list[str]) -> None:
@@ -169,14 +183,6 @@ def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
     ref = "" if grid.reference is None else "\n" + grid.reference.rstrip("\n") + "\n"
     save_text(md + note + (ref or "\n" + PAPER_TABLE1), out / "table.md")
-    save_json({"title": grid.name, "seeds": grid.seeds, "table": table,
-               "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}, out / "table.json")
-    save_json(runs, out / "runs.json")
-    buf = io.StringIO()
-    if runs:
-        w = csv.DictWriter(buf, fieldnames=list(runs[0]))
-        w.writeheader()
-        w.writerows(runs)
-    save_text(buf.getvalue(), out / "runs.csv")
+    write_runs(runs, grid, table, out)
     bar_chart(table, out / "table.png", labels)
     return md + note + ref, table
