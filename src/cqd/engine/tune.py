@@ -107,7 +107,7 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
     `<out_dir>/tune/<column>/<row>`, whose best.yaml the row's cells then read. A study's trials train the cell
     as the grid would (the row's settings, the column's twins) against the grid's own teacher of that seed,
     trained here once if the grid has not yet. Start the same command in several processes to share the studies."""
-    from cqd.engine.grid import cell_config, holder, run_cell, shared_teacher
+    from cqd.engine.grid import cell_config, shared_teacher
 
     out, seed, reports = Path(grid.out_dir), grid.seeds[0], {}
     rows = [r for r in grid.rows if r.tune]
@@ -117,14 +117,7 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
     for column in grid.columns:
         for row in rows:
             cfg = cell_config(grid, column, row, seed, out, tuned=False)
-            if needs_teacher(cfg):
-                for k, t in enumerate(cfg.teacher_list):
-                    if t.checkpoint is None:
-                        tcfg = shared_teacher(grid, column, row, seed, k, out)
-                        while run_cell("train", tcfg) is None:
-                            log(f"waiting for teacher {tcfg.name}, trained by another process: {holder(Path(tcfg.out_dir))}")
-                            time.sleep(poll_s)
-                        t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
+            train_teachers(cfg, lambda k: shared_teacher(grid, column, row, seed, k, out), log, poll_s)
             where = out / "tune" / column / row.id
             tc = TuneConfig(name=f"{grid.name}/{column}/{row.id}", out_dir=str(where), base=cfg, search=row.tune,
                             **grid.tune.model_dump())
@@ -136,19 +129,26 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
 def shared_teachers(tc: TuneConfig, log: Callable[[str], None], poll_s: float) -> dict:
     """The base run as a dict, its teachers trained once (with the base's settings) in `<out_dir>/teacher*`,
     by whichever process of the study gets there first, and given to every trial as checkpoints."""
-    from cqd.engine.grid import holder, run_cell
-
     cfg = tc.base.model_copy(deep=True)
     cfg.out_dir = tc.out_dir
-    if needs_teacher(cfg):
-        for k, t in enumerate(cfg.teacher_list):
-            if t.checkpoint is None:
-                tcfg = teacher_run_config(cfg, k)
-                while run_cell("train", tcfg) is None:
-                    log(f"waiting for teacher {k}, trained by another process: {holder(Path(tcfg.out_dir))}")
-                    time.sleep(poll_s)
-                t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
+    train_teachers(cfg, lambda k: teacher_run_config(cfg, k), log, poll_s)
     return cfg.model_dump()
+
+
+def train_teachers(cfg: RunConfig, teacher_run: Callable[[int], RunConfig], log: Callable[[str], None], poll_s: float) -> None:
+    """Point each teacher of `cfg` without a checkpoint at its model.pt, training teacher k's run `teacher_run(k)`
+    first (or waiting while another process trains it)."""
+    from cqd.engine.grid import holder, run_cell
+
+    if not needs_teacher(cfg):
+        return
+    for k, t in enumerate(cfg.teacher_list):
+        if t.checkpoint is None:
+            tcfg = teacher_run(k)
+            while run_cell("train", tcfg) is None:
+                log(f"waiting for teacher {tcfg.name}, trained by another process: {holder(Path(tcfg.out_dir))}")
+                time.sleep(poll_s)
+            t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
 
 
 def suggest(trial, key: str, r: SearchRange) -> Any:
