@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cqd.errors import ConfigError, CQDError
-from cqd.models.taps import FeatureTaps, _eval_forward
+from cqd.models.taps import FeatureTaps, _eval_forward, feature_maps
 
 
 class SymGate(nn.Module):
@@ -132,20 +132,7 @@ def stage_outputs(net: nn.Module, sample: Tensor) -> list[str]:
     layer's 4-D map (larger than 1x1) that another layer takes in and returns at another spatial size (the
     map just before each downsampling), and the last such map of the net; each is named by the shallowest
     module path that outputs it."""
-    seen: list[tuple[str, Tensor | None, Tensor]] = []  # (name, its input, its output) in forward order
-
-    def hook(name):
-        def keep(module, args, output):
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
-                seen.append((name, args[0] if args and isinstance(args[0], Tensor) else None, output))
-        return keep
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if n]
-    try:
-        _eval_forward(net, sample)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = [(n, i, t) for n, _, i, t in feature_maps(net, sample) if t.shape[-1] * t.shape[-2] > 1]  # (name, input, output)
     if not seen:
         raise ConfigError(f"{type(net).__name__} gives no 4-D feature map larger than 1x1 on a "
                           f"{tuple(sample.shape[-2:])} input; name the gated layers explicitly (e.g. "

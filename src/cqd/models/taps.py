@@ -48,17 +48,15 @@ class FeatureTaps:
 
 
 @torch.no_grad()
-def last_feature_map(model: nn.Module, sample: Tensor) -> str:
-    """The path of the layer that gives the last 4-D feature map larger than 1x1 (the last stage before
-    global pooling, when the input is large enough): the shallowest
-    module whose output is that tensor (`features` for the built-in nets, `layer4` for torchvision's
-    ResNets, `stages` for timm's ConvNeXt). The default tap of the feature methods."""
-    seen: list[tuple[str, Tensor]] = []
+def feature_maps(model: nn.Module, sample: Tensor) -> list[tuple[str, nn.Module, Tensor | None, Tensor]]:
+    """Every named layer's 4-D output in one eval-mode forward of `sample`, in forward order:
+    (module path, module, its first input when that is a tensor, its output)."""
+    seen: list[tuple[str, nn.Module, Tensor | None, Tensor]] = []
 
     def hook(name):
         def keep(module, args, output):
-            if isinstance(output, Tensor) and output.dim() == 4 and "Pool" not in type(module).__name__:
-                seen.append((name, output))
+            if isinstance(output, Tensor) and output.dim() == 4:
+                seen.append((name, module, args[0] if args and isinstance(args[0], Tensor) else None, output))
         return keep
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
@@ -67,6 +65,15 @@ def last_feature_map(model: nn.Module, sample: Tensor) -> str:
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+def last_feature_map(model: nn.Module, sample: Tensor) -> str:
+    """The path of the layer that gives the last 4-D feature map larger than 1x1 (the last stage before
+    global pooling, when the input is large enough): the shallowest
+    module whose output is that tensor (`features` for the built-in nets, `layer4` for torchvision's
+    ResNets, `stages` for timm's ConvNeXt). The default tap of the feature methods."""
+    seen = [(n, t) for n, m, _, t in feature_maps(model, sample) if "Pool" not in type(m).__name__]
     if not seen:
         raise ConfigError(f"{type(model).__name__} gives no 4-D feature map; name a layer explicitly")
     spatial = [t for _, t in seen if t.shape[-1] * t.shape[-2] > 1]  # 1x1 maps: squeeze-excite, pooled heads
