@@ -325,6 +325,29 @@ def test_resume_is_bit_exact(how, ck_epoch, ck_step, root, teacher, reference, m
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
+def test_a_signal_during_the_last_evaluation_stops_the_caller_after_the_run_is_saved(root, teacher, reference, monkeypatch):
+    """SIGTERM after the last step's check (in the final evaluation) used to be swallowed: the run
+    returned and a grid went on to its next cell. Now the run finishes, saves, then raises."""
+    cfg = make_cfg(root, "sigterm-at-end", method__name="cqd", teacher__checkpoint=teacher)
+    real = trainer.Run.evaluate
+
+    def evaluate(self):
+        if len(self.history) == cfg["train"]["epochs"] - 1:  # the last epoch's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer.Run, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(cfg))
+    assert signal.getsignal(signal.SIGTERM) is handler
+    out = Path(cfg["out_dir"])
+    res = json.loads((out / "result.json").read_text())  # complete and saved before stopping
+    assert (res["acc_hq"], res["acc_lq"]) == (reference["result"]["acc_hq"], reference["result"]["acc_lq"])
+    want, got = _weights(reference["dir"] / "model.pt"), load_model(out / "model.pt")[0].state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_train_then_eval(teacher, tmp_path, capsys):

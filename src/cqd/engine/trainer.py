@@ -185,7 +185,7 @@ class Run:
         # `at` is where a resumed run would continue; it advances only once a step's updates, loss sums and
         # counter are all done, so an interrupt at any point saves a consistent checkpoint.
         self.at = {"epoch": self.start_epoch, "step": self.start_step, "sums": {}, "n": 0}
-        self.consistent = True
+        self.consistent, result = True, None
         try:
             with stop_on_signal() as stop:
                 for epoch in range(self.start_epoch, t.epochs):
@@ -208,8 +208,14 @@ class Run:
                     if on_epoch is not None and on_epoch(row):
                         self.log(f"{cfg.name}: stopped after epoch {epoch + 1} by the per-epoch callback")
                         break
+                result = self._finish()
+                # a signal after the last step's check (during the last evaluation or the final save) is not
+                # lost: the run is complete and saved, and the caller (a grid's next cell) stops here
+                stop.check(fabric)
         except KeyboardInterrupt:
-            if self.consistent:
+            if result is not None:
+                self.log(f"interrupted: {cfg.name} had finished and is saved in {self.out}; stopping as asked")
+            elif self.consistent:
                 self._checkpoint(self.at["epoch"], self.at["step"], self.at["sums"], self.at["n"])
                 self.log(f"interrupted: saved {self.out / CKPT} at epoch {self.at['epoch']} step {self.at['step']}; continue with --resume")
             else:  # a second Ctrl-C inside an optimizer step: the weights in memory are half-updated
@@ -218,7 +224,7 @@ class Run:
         finally:
             if self.writer:
                 self.writer.close()
-        return self._finish()
+        return result
 
     def _step(self, batch, epoch: int) -> torch.Tensor:
         """One batch: each phase's forward, loss, backward and optimizer step, in the method's order."""
