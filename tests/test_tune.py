@@ -134,6 +134,18 @@ def test_bad_search_spaces_are_errors_that_name_the_key(tmp_path, key, rng, mess
         load_tune_config(tune_cfg(tmp_path, search={key: rng}))
 
 
+def test_overrides_reach_search_keys_that_hold_dots(tmp_path):
+    tc = tune_cfg(tmp_path, search={"method.cqd.lam": LAM, "train.lr": {"low": 0.01, "high": 0.5, "log": True}})
+    got = load_tune_config(tc, ["search.method.cqd.lam.high=100", "search.method.cqd.T={low: 2, high: 4}",
+                                "search.train.lr.log=false", "base.train.lr=0.2"])
+    assert (got.search["method.cqd.lam"].low, got.search["method.cqd.lam"].high) == (LAM["low"], 100)
+    assert (got.search["method.cqd.T"].low, got.search["method.cqd.T"].high) == (2, 4)
+    assert got.search["train.lr"].log is False and got.base.train.lr == 0.2
+    assert set(got.search) == {"method.cqd.lam", "method.cqd.T", "train.lr"}  # no nested `method: {cqd: ...}` entry
+    with pytest.raises(ConfigError, match=r"search key 'method.cqd.lamda' .* did you mean 'lam'"):
+        load_tune_config(tc, ["search.method.cqd.lamda={low: 1, high: 2}"])
+
+
 def test_a_study_without_validation_items_or_on_several_devices_is_refused(tmp_path):
     tc = tune_cfg(tmp_path)
     tc["base"]["data"]["val_fraction"] = 0

@@ -633,7 +633,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b=value` sets data['a']['b']; the value is read as YAML (so 3, 0.5, true, null work)."""
+    """`a.b=value` sets data['a']['b']; the value is read as YAML (so 3, 0.5, true, null work). A key that
+    holds dots itself, as a search space's `method.cqd.lam`, is matched whole: `search.method.cqd.lam.high=100`;
+    in a mapping of such keys, a new key is the whole rest of the path: `search.train.lr={low: 0.01, high: 1}`."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(data).__name__} {_short(data)}")
     if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
@@ -650,14 +652,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw else ""
         except (yaml.YAMLError, RecursionError):
             value = raw
-        node = data
-        *parents, last = (k.strip() for k in key.split("."))
-        for i, k in enumerate(parents):
+        node, parts, i = data, [k.strip() for k in key.split(".")], 0
+        while True:
+            # a key that itself holds dots (a search space's `method.cqd.lam`) is matched whole, longest first
+            # and in a mapping of such keys a new key is the whole rest: `search.train.lr={low: 0.01, high: 1}`
+            dotted = any(isinstance(n, str) and "." in n for n in node)
+            j = next((j for j in range(len(parts), i + 1, -1) if ".".join(parts[i:j]) in node), len(parts) if dotted else i + 1)
+            k = ".".join(parts[i:j])
+            if j == len(parts):
+                node[k] = value
+                break
             if not isinstance(node.get(k, {}), dict):
-                section = ".".join(parents[: i + 1])
-                raise ConfigError(f"override {item!r}: {section} is a value ({_short(node[k])}), not a section")
-            node = node.setdefault(k, {})
-        node[last] = value
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:j])} is a value ({_short(node[k])}), not a section")
+            node, i = node.setdefault(k, {}), j
     return data
 
 
