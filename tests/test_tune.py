@@ -71,6 +71,7 @@ def test_a_study_completes_continues_on_a_second_call_and_its_best_yaml_trains(t
     assert second["trials"] == {"complete": 4} and [t.number for t in trials(tc)] == [0, 1, 2, 3]
     assert tune(tc, "n_trials=4")["trials"] == {"complete": 4}  # a finished study: no trial more, the report again
     assert tune(tc, "base.train.lr=0.5", "base.train.progress=true")["trials"] == {"complete": 4}  # searched, or no effect
+    assert tune(tc, "base.sr.patch=32")["trials"] == {"complete": 4}  # another task's section: no effect on a trial
     with pytest.raises(ConfigError, match=r"was started with base.train.epochs=1 \(now 2\)"):
         tune(tc, "n_trials=5", "base.train.epochs=2")  # trials of other settings would mix into the study's
     assert len(trials(tc)) == 4

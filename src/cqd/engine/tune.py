@@ -75,7 +75,9 @@ def same_study(study, tc: TuneConfig) -> None:
     if saved is None:
         study.set_user_attr("settings", settings)
         return
-    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    # the sr section does not touch a classification trial (its defaults may change between versions)
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k)
+                  and not (tc.base.task != "sr" and k.startswith("sr.")))
     if diff:
         shown = ", ".join(f"{'' if k == 'search' else 'base.'}{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in diff[:3])
         raise ConfigError(f"study {study.study_name!r} was started with {shown}{' and more' if len(diff) > 3 else ''}; "
