@@ -89,7 +89,7 @@ def tensors(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("override, key, value", [
-    ("method.name=distill", "method.name", "Known: afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, lsfd, quality, quality_mix, "
+    ("method.name=distill", "method.name", "Known: afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, lsfd, quality, quality_mix, sgn, "
                                            "sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd."),
     ("model=resnet9", "model", "Did you mean 'resnet8'?"),
     ("teacher.model=vgg", "teacher.model", "vgg8"),
@@ -111,7 +111,7 @@ def test_unknown_names(override, key, value, capsys):
     ("method.cqd.lamb=1", "method.cqd.lamb", "did you mean 'lam'? (method.cqd takes: T, lam, loss, scale)"),
     ("method.fitnet.bta=1", "method.fitnet.bta", "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, hint, guided)"),
     ("method.fitnet_beta=1", "method.fitnet_beta", "method takes: name, init, afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, "
-                                                   "lsfd, quality, quality_mix, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),
+                                                   "lsfd, quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),
     ("train.epoch=3", "train.epoch", "did you mean 'epochs'?"),
     ("data={sise: 3}", "data.sise", "data takes: name, root, image_size"),
 ])

@@ -28,11 +28,12 @@ def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, 
     return _train(_cfg(config, overrides), resume=resume)
 
 
-def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str) -> dict:
-    """Top-1 of a saved model (`model.pt`) on the configured test set's high- and low-quality views."""
+def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str, c=None) -> dict:
+    """Top-1 of a saved model (`model.pt`) on the configured test set's high- and low-quality views (task sr:
+    PSNR/SSIM). `c`: the loss mix of an `sgn` SR student, K weights >= 0 summing to 1 (e.g. [0.2, 0.3, 0.5])."""
     from cqd.engine.evaluate import evaluate_saved
 
-    return evaluate_saved(model_path, _cfg(config, overrides))
+    return evaluate_saved(model_path, _cfg(config, overrides), c=c)
 
 
 def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: str | Path | None = None,

@@ -48,7 +48,7 @@ def cmd_eval(args) -> int:
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import evaluate
 
-    print(json.dumps(evaluate(args.model, cfg), indent=2))
+    print(json.dumps(evaluate(args.model, cfg, c=args.c), indent=2))
     return 0
 
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1 of a saved model.pt on the config's high- and low-quality test views")
     p.add_argument("--model", required=True, help="model.pt written by `cqd train`")
+    p.add_argument("--c", help="the loss mix of an sgn SR student: K weights >= 0 summing to 1, e.g. 0.2,0.3,0.5 "
+                               "(default: the mix it was trained at, when fixed)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -9,12 +9,15 @@ from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import load_model
 from cqd.engine.precision import flush_denormals, make_fabric
 from cqd.engine.tasks import task_of
+from cqd.errors import ConfigError
 from cqd.methods import METHODS
 
 
-def evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
+def evaluate_saved(model_path: str | Path, cfg: RunConfig, c=None) -> dict:
     """The task's metrics of `model_path` on the config's test set: top-1 on the views the method evaluates
-    (x: acc_hq, z: acc_lq), or for task sr PSNR/SSIM-Y on the whole test images beside bicubic's."""
+    (x: acc_hq, z: acc_lq), or for task sr PSNR/SSIM-Y on the whole test images beside bicubic's.
+    `c` (K weights, a list or a string such as "0.2,0.3,0.5"): the mix of an sr model conditioned on it
+    (method sgn); default its own `fixed_c` when it was trained at one."""
     with flush_denormals():
         task = task_of(cfg)
         fabric = make_fabric(cfg.train, devices=1)
@@ -23,9 +26,42 @@ def evaluate_saved(model_path: str | Path, cfg: RunConfig) -> dict:
         classes = method.num_outputs(base_test.num_classes, cfg.method.params)
         model, ck = load_model(model_path, classes, base_test.in_chans)
         model, form = deployed(model, ck, model_path)  # a QAT model is evaluated in its converted int8 form
+        model, c = at_mix(model, ck, c, cfg.task, model_path)
         if form == "int8":  # the int8 graph computes in fp32 between its quantize/dequantize ops: no autocast
             fabric = make_fabric(cfg.train.model_copy(update={"precision": "32-true"}), devices=1)
         loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test), use_distributed_sampler=False)
         res = task.evaluate({"": fabric.setup_module(model)}, method.eval_views,
                             loader, task.make_maker(cfg, base_test), fabric)
-        return {"model": str(model_path), "form": form, **task.describe(cfg), "n_test": len(test_ds), **res}
+        return {"model": str(model_path), "form": form, **task.describe(cfg), **({"c": c} if c else {}),
+                "n_test": len(test_ds), **res}
+
+
+def at_mix(model, ck: dict, c, task: str, path) -> tuple:
+    """(the model to evaluate, the c it runs at): a network conditioned on the mix c (an `sgn` SR student) with c
+    fixed, checked to be K weights >= 0 summing to 1; a model without gates is refused a c."""
+    from cqd.models.sym import AtMix, SymNet
+
+    if isinstance(c, str):
+        text = c.strip().strip("[]")
+        try:
+            c = [float(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"c={text!r}: give the mix as numbers, e.g. --c 0.2,0.3,0.5") from None
+    if not isinstance(model, SymNet):
+        if c is not None:
+            raise ConfigError(f"{path} has no sym gates (it was not trained conditioned on a mix c, as method sgn "
+                              "trains): evaluate it without c")
+        return model, None
+    if task != "sr":  # classification: the mix comes with the blends of data.mix
+        if c is not None:
+            raise ConfigError("a classification model conditioned on c is evaluated on blends: set data.mix.c instead of c")
+        return model, None
+    if c is None:
+        c = ((ck.get("config") or {}).get("method", {}).get("sgn") or {}).get("fixed_c")
+        if c is None:
+            raise ConfigError(f"{path} is conditioned on a mix c of {model.k} losses: give one, e.g. "
+                              f"--c {','.join(['%.3g' % (1 / model.k)] * model.k)} (api: c=[...])")
+    c = [float(v) for v in c]
+    if len(c) != model.k or min(c) < 0 or abs(sum(c) - 1) > 1e-4:
+        raise ConfigError(f"c={c}: {path} takes a mix of K={model.k}: {model.k} weights, each >= 0, summing to 1")
+    return AtMix(model, c), c

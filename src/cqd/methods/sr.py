@@ -8,6 +8,7 @@
               r a trained 1x1 conv from the student's channels to the teacher's (no BatchNorm: EDSR has
               none, and a BN regressor would normalize away the scale FitNet asks the student to match)
   lsfd        local-selective feature distillation (`cqd.methods.lsfd`)
+  sgn         SGN's per-sample mix of L1, LSGAN and these hints, g(z, c) (`cqd.methods.sgn`)
 
 The teacher sees z, as the student does (SR distillation compresses a network; both get the LR image).
 Tapped layers default to `points` evenly spaced body blocks of each network (`body.1` and `body.3` of
@@ -92,6 +93,27 @@ def evenly_spaced(model: nn.Module, points: int, what: str) -> list[str]:
     return [blocks[round((j + 1) * len(blocks) / points) - 1] for j in range(points)]
 
 
+def hints(student: nn.Module, teacher: nn.Module, p: FeatureParams, sample: Tensor, name: str
+          ) -> tuple[list[tuple[str, str]], nn.ModuleList, FeatureTaps]:
+    """FitNet's parts for `p`'s layers: the (student, teacher) layer pairs, one 1x1 conv regressor per pair
+    from the student's channels to the teacher's, and the taps on the student (`name`: the config section)."""
+    s_layers = p.student_layers or evenly_spaced(student, p.points, f"method.{name}.student_layers")
+    t_layers = p.teacher_layers or evenly_spaced(teacher, len(s_layers), f"method.{name}.teacher_layers")
+    if len(s_layers) != len(t_layers):
+        raise ConfigError(f"method.{name}: {len(s_layers)} student layers but {len(t_layers)} teacher layers; "
+                          "give one teacher layer per student layer")
+    regressors = []
+    for s, t in zip(s_layers, t_layers):
+        _, s_shape = probe(student, s, sample, f"method.{name}.student_layers on the student")
+        _, t_shape = probe(teacher, t, sample, f"method.{name}.teacher_layers on the teacher")
+        if s_shape[-2:] != t_shape[-2:]:
+            raise ConfigError(f"method.{name}: student layer {s} gives {tuple(s_shape[-2:])} maps but teacher layer "
+                              f"{t} gives {tuple(t_shape[-2:])}; tap layers of the same resolution (the body blocks)")
+        regressors.append(nn.Conv2d(s_shape[1], t_shape[1], 1))
+    taps = FeatureTaps(student, s_layers, f"method.{name}.student_layers on the student")
+    return list(zip(s_layers, t_layers)), nn.ModuleList(regressors), taps
+
+
 class FeatureDistiller(SRMethod):
     """L1(g(z), y) + beta * mean over the tapped pairs of `feature_loss(r_k(F_s,k), F_t,k)`; r_k a trained
     1x1 conv to the teacher's channels (owned by the method, so optimized and checkpointed, and dropped
@@ -102,24 +124,8 @@ class FeatureDistiller(SRMethod):
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)
-        p, name = self.params, self.section
-        s_layers = p.student_layers or evenly_spaced(student, p.points, f"method.{name}.student_layers")
-        t_layers = p.teacher_layers or evenly_spaced(teachers[0], len(s_layers), f"method.{name}.teacher_layers")
-        if len(s_layers) != len(t_layers):
-            raise ConfigError(f"method.{name}: {len(s_layers)} student layers but {len(t_layers)} teacher layers; "
-                              "give one teacher layer per student layer")
-        regressors = []
-        for s, t in zip(s_layers, t_layers):
-            _, s_shape = probe(student, s, sample, f"method.{name}.student_layers on the student")
-            _, t_shape = probe(teachers[0], t, sample, f"method.{name}.teacher_layers on the teacher")
-            if s_shape[-2:] != t_shape[-2:]:
-                raise ConfigError(f"method.{name}: student layer {s} gives {tuple(s_shape[-2:])} maps but teacher layer "
-                                  f"{t} gives {tuple(t_shape[-2:])}; tap layers of the same resolution (the body blocks)")
-            regressors.append(nn.Conv2d(s_shape[1], t_shape[1], 1))
-        self.pairs = list(zip(s_layers, t_layers))
-        self.regressors = nn.ModuleList(regressors)
-        self.taps = FeatureTaps(student, s_layers, f"method.{name}.student_layers on the student")
-        self.teacher_taps[0] = list(t_layers)
+        self.pairs, self.regressors, self.taps = hints(student, teachers[0], self.params, sample, self.section)
+        self.teacher_taps[0] = [t for _, t in self.pairs]
 
     section = ""
 

@@ -120,6 +120,20 @@ class SymNet(nn.Module):
             self._ctx.c = None
 
 
+class AtMix(nn.Module):
+    """A SymNet with its mix fixed: `AtMix(net, c)(x)` is `net(x, c)` with the one c (K weights) for every
+    image of the batch, so code that calls a network with one input (an evaluation, a figure) can use it."""
+
+    def __init__(self, net: SymNet, c):
+        super().__init__()
+        self.net = net
+        c = torch.as_tensor(c, dtype=torch.float32, device=next(net.parameters()).device).view(1, -1)
+        self.register_buffer("c", c, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x, self.c.expand(x.shape[0], -1))
+
+
 def _no_layer(net: nn.Module, name: str) -> ConfigError:
     from cqd.models.taps import _unknown
 

@@ -76,6 +76,10 @@ def write_report(cells, grid, out: Path) -> tuple[str, dict]:
     missing = sum(res is None for _, res in cells)
     note = f"\n{missing} of {len(cells)} runs are not finished yet.\n" if missing else ""
     ref = "" if grid.reference is None else "\n" + grid.reference.rstrip("\n") + "\n"
+    from cqd.reports import sgn_table
+
+    if sgn_table.has_sgn(cells):  # students conditioned on the loss mix c: PSNR/SSIM at each c (sgn.json), sgn.png
+        md += sgn_table.section(cells, grid, out)
     save_text(md + note + ref, out / "table.md")
     write_runs(runs, grid, table, out)
     if not missing:
