@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqd.reports.sr_table import _fmt, _stat, row_labels
+from cqd.reports.sr_table import _fmt, _stat, row_labels, save_panels
 from cqd.sym import corners_midpoints_centre
 
 FIGURE = "sgn.png"
@@ -121,10 +121,6 @@ def _crop(img, top: int, left: int, size: int):
 def figure(cells, grid, path: Path, size: int = 96) -> list[tuple[str, list[str]]]:
     """Per grid column, two rows of crops of the first test image: the first sgn student (first seed) at each
     point of c; then the single-loss students, bicubic, the teacher and HR. Returns each row's panel titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from cqd.engine import sr
@@ -167,17 +163,5 @@ def figure(cells, grid, path: Path, size: int = 96) -> list[tuple[str, list[str]
         rows += [(column, top_row), (column, bottom)]
     if not rows:
         return []
-    ncol = max(len(r) for _, r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.1 * ncol, 2.4 * len(rows)), squeeze=False)
-    for i, (column, row) in enumerate(rows):
-        for j in range(ncol):
-            ax = axes[i][j]
-            ax.axis("off")
-            if j < len(row):
-                ax.imshow(row[j][1], interpolation="nearest")
-                ax.set_title(row[j][0], fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels([row for _, row in rows], path, width=2.1, fontsize=7)
     return [(column, [title for title, _ in row]) for column, row in rows]

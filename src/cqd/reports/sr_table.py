@@ -99,10 +99,6 @@ def crops_figure(cells, grid, path: Path, size: int = 96) -> list[tuple[str, lis
     """One row per column (scale): a `size` px HR crop of the first test image as bicubic, the student alone
     (sr_l1), the distilled student (lsfd, else fitnet, else output KD), the teacher and the HR image.
     Returns each row's column and panel titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from cqd.engine import sr
@@ -139,17 +135,27 @@ def crops_figure(cells, grid, path: Path, size: int = 96) -> list[tuple[str, lis
         panels.append((column, row))
     if not panels:
         return []
-    ncol = max(len(r) for _, r in panels)
-    fig, axes = plt.subplots(len(panels), ncol, figsize=(2.2 * ncol, 2.4 * len(panels)), squeeze=False)
-    for i, (column, row) in enumerate(panels):
+    save_panels([[(f"{column}, {t}" if j == 0 else t, img) for j, (t, img) in enumerate(row)] for column, row in panels], path)
+    return [(column, [title for title, _ in row]) for column, row in panels]
+
+
+def save_panels(rows: list[list[tuple[str, object]]], path: Path, width: float = 2.2, fontsize: int = 8) -> None:
+    """A PNG of titled image panels, one figure row per list of (title, HxWx3 array); short rows left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(width * ncol, 2.4 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
         for j in range(ncol):
             ax = axes[i][j]
             ax.axis("off")
             if j < len(row):
                 ax.imshow(row[j][1], interpolation="nearest")
-                ax.set_title(f"{column}, {row[j][0]}" if j == 0 else row[j][0], fontsize=8)
+                ax.set_title(row[j][0], fontsize=fontsize)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [(column, [title for title, _ in row]) for column, row in panels]
