@@ -210,8 +210,11 @@ class Run:
                         break
                 result = self._finish()
                 # a signal after the last step's check (during the last evaluation or the final save) is not
-                # lost: the run is complete and saved, and the caller (a grid's next cell) stops here
-                stop.check(fabric)
+                # lost: the run is complete and saved, and the caller (a grid's next cell) stops here. Checked on
+                # this rank alone (no collective after the run's last barrier): under torchrun, a rank that
+                # stops here ends the others.
+                if stop.requested:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if result is not None:
                 self.log(f"interrupted: {cfg.name} had finished and is saved in {self.out}; stopping as asked")
