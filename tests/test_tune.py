@@ -135,6 +135,16 @@ def test_bad_search_spaces_are_errors_that_name_the_key(tmp_path, key, rng, mess
         load_tune_config(tune_cfg(tmp_path, search={key: rng}))
 
 
+def test_startup_trials_set_tpes_random_phase_and_a_study_inside_it_says_it_is_random_search(tmp_path, monkeypatch, capsys):
+    made = []
+    real = optuna.samplers.TPESampler
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda **kw: made.append(kw) or real(**kw))
+    tune(tune_cfg(tmp_path / "a"), "n_trials=1")
+    assert made[-1]["n_startup_trials"] == 10 and "TPE draws every trial of this study at random" in capsys.readouterr().out
+    tune(tune_cfg(tmp_path / "b"), "n_trials=2", "startup_trials=1")
+    assert made[-1]["n_startup_trials"] == 1 and "at random" not in capsys.readouterr().out
+
+
 def test_overrides_reach_search_keys_that_hold_dots(tmp_path):
     tc = tune_cfg(tmp_path, search={"method.cqd.lam": LAM, "train.lr": {"low": 0.01, "high": 0.5, "log": True}})
     got = load_tune_config(tc, ["search.method.cqd.lam.high=100", "search.method.cqd.T={low: 2, high: 4}",

@@ -387,6 +387,8 @@ class StudySettings(_Strict):
     n_trials: int = Field(16, ge=1, description="finished trials (complete, pruned or failed) of the study in all, "
                                                  "whichever processes ran them")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the TPE sampler")
+    startup_trials: int = Field(10, ge=1, description="TPE's start-up trials, drawn at random before it models the "
+                                                      "results (Optuna's default 10); a study of no more trials is random search")
     storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) to share the study between "
                                                   "machines; default: sqlite in out_dir/study.db")
     pruner: PrunerConfig = PrunerConfig()

@@ -44,7 +44,11 @@ def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0
                                     n_startup_trials=tc.pruner.n_startup_trials, n_warmup_steps=tc.pruner.n_warmup_steps))
     # a call that joins or continues a study must not repeat the first call's draws: offset the seed by the trials so far;
     # constant_liar: a running trial (of any process) counts as a poor result, so parallel trials spread out
-    study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials), constant_liar=True)
+    study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials), constant_liar=True,
+                                               n_startup_trials=tc.startup_trials)
+    if tc.n_trials <= tc.startup_trials:
+        log(f"note: n_trials={tc.n_trials} <= startup_trials={tc.startup_trials}: TPE draws every trial of this study at "
+            "random (its start-up phase); raise n_trials or lower startup_trials for TPE's model to choose")
     same_study(study, tc)
     save_json(tc.model_dump(mode="json"), out / "tune.json")
     base = shared_teachers(tc, log, poll_s)
