@@ -244,3 +244,25 @@ def test_a_row_of_method_hq_that_sets_only_the_teacher_evaluates_that_shared_tea
     r14 = next(t for t in teachers if t.cfg.model == "resnet14")
     assert by_row["r14"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[0].checkpoint == str(Path(r14.cfg.out_dir) / "model.pt")
     assert by_row["hq"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[1].checkpoint
+
+
+def test_runs_csv_names_the_view_a_shared_teacher_was_measured_on(tmp_path, tiny_config):
+    """`cqd tune` trains a grid's teacher in the column it tunes, which need not be the first: the table's
+    runs.csv then gives that teacher's accuracy on z with the column it was measured on, not the first's."""
+    import csv
+
+    from cqd import api
+    from cqd.engine.grid import shared_teacher
+    from cqd.config import RowConfig
+
+    g = load_grid_config(_grid(tmp_path, tiny_config))
+    g.rows = [RowConfig(id="hq", set={"method.name": "hq"})]  # only the teacher row: A -> A, A -> B
+    tcfg = shared_teacher(g, "clutter", g.rows[0], 0, 0, Path(g.out_dir))  # as `cqd tune` on the clutter column
+    assert tcfg.data.degradation == "clutter"
+    trained = run_cell("train", tcfg)
+    api.table(g)
+    runs = list(csv.DictReader(open(Path(g.out_dir) / "report" / "runs.csv")))
+    teacher = [r for r in runs if r["kind"] == "train"]
+    assert len(teacher) == 1 and teacher[0]["name"] == tcfg.name
+    assert (teacher[0]["degradation"], float(teacher[0]["acc_lq"])) == ("clutter", trained["acc_lq"])
+    assert {r["degradation"] for r in runs if r["kind"] == "eval"} == {"lowres:size=8", "clutter"}
