@@ -265,4 +265,5 @@ def test_runs_csv_names_the_view_a_shared_teacher_was_measured_on(tmp_path, tiny
     teacher = [r for r in runs if r["kind"] == "train"]
     assert len(teacher) == 1 and teacher[0]["name"] == tcfg.name
     assert (teacher[0]["degradation"], float(teacher[0]["acc_lq"])) == ("clutter", trained["acc_lq"])
+    assert json.loads(teacher[0]["config"])["data"]["degradation"] == "clutter"
     assert {r["degradation"] for r in runs if r["kind"] == "eval"} == {"lowres:size=8", "clutter"}

@@ -125,9 +125,9 @@ def tuned_settings(grid) -> str:
 
 def run_rows(cells, describe=lambda cfg: {"degradation": cfg.data.degradation}, metrics=("acc_hq", "acc_lq")) -> list[dict]:
     """One row per finished run: its name, kind, row, method, seed, `describe(cfg)`, `metrics`, speed and config.
-    A described key that the result records itself is taken from the result: a shared teacher's run records the
-    view it was measured on, which is the column of whichever process trained it first (`cqd tune` trains a
-    grid's teachers in the column it tunes), not always the cell's first column."""
+    The config, and a described key that the result records itself, are taken from the result: a shared
+    teacher's run records the view it was measured on, which is the column of whichever process trained it
+    first (`cqd tune` trains a grid's teachers in the column it tunes), not always the cell's first column."""
     rows = []
     for cell, res in cells:
         if res is None:
@@ -136,7 +136,8 @@ def run_rows(cells, describe=lambda cfg: {"degradation": cfg.data.degradation}, 
         rows.append({"name": cfg.name, "kind": cell.kind, "row": cell.row, "method": cfg.method.name, "seed": cfg.seed,
                      **{k: res.get(k, v) for k, v in describe(cfg).items()}, **{k: res.get(k) for k in metrics},
                      "wall_s": res.get("wall_s"), "images_per_s": res.get("images_per_s"),
-                     "precision": res.get("precision"), "config": json.dumps(cfg.model_dump(), sort_keys=True)})
+                     "precision": res.get("precision"),
+                     "config": json.dumps(res.get("config") or cfg.model_dump(), sort_keys=True)})
     return rows
 
 
