@@ -25,7 +25,7 @@ import torch
 
 from cqd.compress import qat
 from cqd.compress.pruning import Pruner, count_params
-from cqd.config import RunConfig
+from cqd.engine.schema import run_config
 from cqd.export import _write, latency_ms, runner
 from cqd.models import create_model
 
@@ -36,7 +36,7 @@ def variants(name: str, ratio: float, chw):
         torch.manual_seed(0)
         m = create_model(name, num_classes=10, in_chans=chw[0])
         if prune:
-            cfg = RunConfig.model_validate({"compress": {"prune": {"ratio": ratio}}}).compress.prune
+            cfg = run_config({"compress": {"prune": {"ratio": ratio}}}).compress.prune
             Pruner(m, cfg, torch.randn(2, *chw), lambda n: []).step()
         return m
 
@@ -81,14 +81,16 @@ def main() -> None:
             if form == "fp32":
                 with torch.no_grad():
                     eager = {b: latency_ms(lambda x: net(torch.from_numpy(x)), chw, b, args.repeats) for b in (1, 64)}
-            rows.append({"model": name, "variant": label, "form": form, "params": params, "onnx_kb": path.stat().st_size / 1024,
-                         "ort_ms": ort, "eager_ms": eager, "export_s": export_s})
-            print(f"{name} {label}: {params} params, {path.stat().st_size / 1024:.0f} KB, ORT {ort[1]:.2f} / {ort[64]:.2f} ms",
-                  flush=True)
+            rows.append({"model": name, "variant": label, "form": form, "params": params,
+                         "onnx_kb": path.stat().st_size / 1024, "ort_ms": ort, "eager_ms": eager,
+                         "export_s": export_s})
+            print(f"{name} {label}: {params} params, {path.stat().st_size / 1024:.0f} KB, "
+                  f"ORT {ort[1]:.2f} / {ort[64]:.2f} ms", flush=True)
     base = {r["model"]: r for r in rows if r["variant"] == "fp32"}
     lines = [f"\nCPU latency and size ({platform.processor() or platform.machine()}, {args.size} px, 1 channel, "
              f"{args.threads} thread(s), median of {args.repeats}; pruning ratio {args.ratio})\n",
-             "| model | variant | params | ONNX KB | ORT ms @1 | ORT ms @64 | x fp32 @64 | eager ms @1 | eager ms @64 |",
+             "| model | variant | params | ONNX KB | ORT ms @1 | ORT ms @64 | x fp32 @64 "
+             "| eager ms @1 | eager ms @64 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eager_ms"]

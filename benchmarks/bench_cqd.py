@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from cqd.config import run_config
 from cqd.data.paired import PairMaker
 from cqd.degradations import parse_degradation
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import train
 
 SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
@@ -68,7 +68,8 @@ def degradation_ms(spec: str, device: str, batch: int = 64, size: int = 32, reps
     return (time.perf_counter() - t) / reps * 1000
 
 
-def views_ms(spec: str, device: str, fixed: bool, batch: int = 64, size: int = 32, n: int = 2048, reps: int = 20) -> float:
+def views_ms(spec: str, device: str, fixed: bool, batch: int = 64, size: int = 32, n: int = 2048,
+             reps: int = 20) -> float:
     """ms per batch for PairMaker to make (x, z): T run per step, or fixed twins looked up."""
     maker = PairMaker(spec)
     if maker.T.needs_bank:
@@ -98,10 +99,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="training steps per epoch in each measurement")
     ap.add_argument("--repeats", type=int, default=3, help="runs of B and CQD each (the median counts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--methods-only", action="store_true", help="only the epoch-time ratios (skip degradations and precision)")
+    ap.add_argument("--methods-only", action="store_true",
+                    help="only the epoch-time ratios (skip degradations and precision)")
     args = ap.parse_args()
     out, dev, steps = Path(args.out), args.device, args.steps
-    results: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
+    results: dict = {"device": (torch.cuda.get_device_name() if dev == "cuda"
+                                else platform.processor() or platform.machine()),
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "steps_per_epoch": steps}
 
     teacher = base(out, "teacher", steps, dev, method__name="hq")
@@ -110,7 +113,8 @@ def main() -> None:
     # B and CQD alternate, `--repeats` times each, and the median counts: CPU timings drift by ~10%
     kinds = {"B": {}, "cqd_cached": {"method__name": "cqd"},
              "cqd_on_the_fly": {"method__name": "cqd", "train__cache_teacher": False},
-             "fitnet_cached": {"method__name": "fitnet"}, "fitnet_on_the_fly": {"method__name": "fitnet", "train__feature_cache_mb": 0},
+             "fitnet_cached": {"method__name": "fitnet"},
+             "fitnet_on_the_fly": {"method__name": "fitnet", "train__feature_cache_mb": 0},
              "at_cached": {"method__name": "at"}, "at_on_the_fly": {"method__name": "at", "train__feature_cache_mb": 0}}
     runs: dict[str, list] = {k: [] for k in kinds}
     for _ in range(args.repeats):
@@ -133,14 +137,16 @@ def main() -> None:
     results["step_ms"] = step_ms
     results["degradation_ms"] = {s: degradation_ms(s, dev) for s in SPECS}
     results["degradation_share_of_step"] = {s: ms / step_ms for s, ms in results["degradation_ms"].items()}
-    results["fixed_twin_lookup_ms"] = {s: views_ms(s, dev, fixed=True) - views_ms("none", dev, fixed=False) for s in SPECS}
+    results["fixed_twin_lookup_ms"] = {s: views_ms(s, dev, fixed=True) - views_ms("none", dev, fixed=False)
+                                       for s in SPECS}
     results["fixed_twin_lookup_share_of_step"] = {s: ms / step_ms for s, ms in results["fixed_twin_lookup_ms"].items()}
 
     prec = {}
     for p in ("32-true", "bf16-mixed"):
         for cl in (False, True):
             key = f"{p}{' + channels_last' if cl else ''}"
-            prec[key] = run(base(out, f"prec_{p}_{cl}", steps, dev, train__precision=p, train__channels_last=cl))["images_per_s"]
+            prec[key] = run(base(out, f"prec_{p}_{cl}", steps, dev,
+                                 train__precision=p, train__channels_last=cl))["images_per_s"]
     results["precision_images_per_s"] = prec
 
     _report(results, out, b, cqd_cached, cqd_fly, prec)
@@ -149,7 +155,8 @@ def main() -> None:
 def _report(results: dict, out: Path, b: dict, cqd_cached: dict, cqd_fly: dict, prec: dict | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
-    print(f"\ndevice: {results['device']}  torch {results['torch']}  threads {results['threads']}  resnet8, 32 px, batch 64")
+    print(f"\ndevice: {results['device']}  torch {results['torch']}  threads {results['threads']}  "
+          "resnet8, 32 px, batch 64")
     print("| measurement | value | target |\n|---|---|---|")
     print(f"| CQD (cached f) epoch time / B epoch time | {results['cqd_over_B_epoch_time']:.3f} | <= 1.05 |")
     for k, v in results["over_B_epoch_time"].items():
@@ -163,7 +170,8 @@ def _report(results: dict, out: Path, b: dict, cqd_cached: dict, cqd_fly: dict, 
           "(default: made once before training, then looked up) | | < 5% |")
     for s in (SPECS if prec is not None else ()):
         print(f"| `{s}` | {results['degradation_ms'][s]:.2f} ms {100 * results['degradation_share_of_step'][s]:.1f}% / "
-              f"{results['fixed_twin_lookup_ms'][s]:.2f} ms {100 * results['fixed_twin_lookup_share_of_step'][s]:.1f}% | |")
+              f"{results['fixed_twin_lookup_ms'][s]:.2f} ms "
+              f"{100 * results['fixed_twin_lookup_share_of_step'][s]:.1f}% | |")
     for k, v in (prec or {}).items():
         print(f"| training images/s, {k} | {v:.0f} | |")
     print(f"\nwrote {out / 'bench.json'}")

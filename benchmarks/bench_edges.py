@@ -8,7 +8,7 @@ batch size, best of `--repeats`:
   2. kornia's `canny` alone, with its own hysteresis (all the degradation ran before it linked edges itself)
   3. kornia's `canny` without hysteresis: blur, Sobel, non-maximum suppression and thresholds only
 and checks that the twins equal kornia's Canny edges pixel for pixel.
-"""
+"""  # noqa: E501 - the usage line above is --help text, kept whole
 from __future__ import annotations
 
 import argparse
@@ -51,9 +51,11 @@ def main() -> None:
     T = PairMaker("edges").T
     k = 2 * int(2 * T.sigma + 0.5) + 1  # the kernel size the degradation uses
 
-    print(f"{platform.machine()} {platform.processor()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"{platform.machine()} {platform.processor()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"kornia {kornia.__version__}; {n} Fashion-MNIST test items at {args.size} px\n")
-    print("| batch | twin pass (`edges`) ms/image | kornia canny ms/image | canny without hysteresis ms/image | twins = canny |")
+    print("| batch | twin pass (`edges`) ms/image | kornia canny ms/image "
+          "| canny without hysteresis ms/image | twins = canny |")
     print("|---|---|---|---|---|")
     for bs in args.batches:
         def batches():

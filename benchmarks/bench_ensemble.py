@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from cqd.config import run_config
 from cqd.data.paired import Pair
 from cqd.engine import phases as phase_opts
 from cqd.engine.model_files import build_model
 from cqd.engine.precision import flush_denormals
+from cqd.engine.schema import run_config
 from cqd.methods import METHODS, Step
 from cqd.methods.base import freeze
 from cqd.models.taps import FeatureTaps
@@ -86,12 +86,13 @@ def main() -> None:
             rows.append({"row": label, "method": name, "teachers": k, "cached_ms": cached, "live_ms": live})
     b = rows[0]["cached_ms"]
     lines = ["| method | teachers | cached: ms/step | x B | live: ms/step | x B |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['teachers']} | {r['cached_ms']:.0f} | {r['cached_ms'] / b:.2f} | {r['live_ms']:.0f} | "
-              f"{r['live_ms'] / b:.2f} |" for r in rows]
+    lines += [f"| {r['row']} | {r['teachers']} | {r['cached_ms']:.0f} | {r['cached_ms'] / b:.2f} | "
+              f"{r['live_ms']:.0f} | {r['live_ms'] / b:.2f} |" for r in rows]
     print("\n".join(lines))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
             "batch": a.batch, "steps": a.steps, "repeats": a.repeats, "rows": rows}
     (out / "bench_ensemble.json").write_text(json.dumps(info, indent=2))
 

@@ -23,19 +23,21 @@ from pathlib import Path
 
 import torch
 
-from cqd.config import run_config
 from cqd.data.paired import Pair
 from cqd.engine import phases as phase_opts
 from cqd.engine.model_files import build_model
 from cqd.engine.precision import flush_denormals
+from cqd.engine.schema import run_config
 from cqd.methods import METHODS, Step
 
-GROUPS = {"resnet8 + resnet8": ["resnet8"], "resnet8 + wrn_16_2": ["wrn_16_2"], "resnet8 + resnet14 + wrn_16_2": ["resnet14", "wrn_16_2"]}
+GROUPS = {"resnet8 + resnet8": ["resnet8"], "resnet8 + wrn_16_2": ["wrn_16_2"],
+          "resnet8 + resnet14 + wrn_16_2": ["resnet14", "wrn_16_2"]}
 ROWS = {"alone": ("dml", {"lam": 0.0}), "DML": ("dml", {}), "AFD": ("afd", {})}
 
 
 def method_for(name: str, params: dict, peers: list[str]):
-    cfg = run_config({"model": "resnet8", "method": {"name": name, name: {"k": len(peers) + 1, "models": peers, **params}}})
+    cfg = run_config({"model": "resnet8",
+                      "method": {"name": name, name: {"k": len(peers) + 1, "models": peers, **params}}})
     torch.manual_seed(0)
     student = build_model("resnet8", 10, 1, False, cfg.train.channels_last)
     method = METHODS.get(name)(student, cfg.method.params, (), torch.zeros(2, 1, 32, 32))
@@ -67,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, 32, 32, generator=g)
-    pair = Pair(x, x, torch.randint(0, 10, (args.batch,), generator=g), torch.zeros(args.batch, 4), torch.arange(args.batch))
+    pair = Pair(x, x, torch.randint(0, 10, (args.batch,), generator=g), torch.zeros(args.batch, 4),
+                torch.arange(args.batch))
     results = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
                "groups": {}}
@@ -89,7 +92,8 @@ def _report(results: dict, out: Path) -> None:
     (out / "bench_online.json").write_text(json.dumps(results, indent=2))
     print(f"\ndevice: {results['device']}  torch {results['torch']}  threads {results['threads']}  "
           f"32 px, batch {results['batch']}, one process, fp32; ms per training step (median of {results['repeats']})")
-    print("| networks | alone | DML | AFD | DML / alone | AFD / alone | AFD: networks (main + adv) | AFD: discriminators (disc) |")
+    print("| networks | alone | DML | AFD | DML / alone | AFD / alone "
+          "| AFD: networks (main + adv) | AFD: discriminators (disc) |")
     print("|---|---|---|---|---|---|---|---|")
     for group, m in results["groups"].items():
         alone, dml, afd = (sum(m[row].values()) for row in ROWS)

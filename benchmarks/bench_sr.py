@@ -22,21 +22,22 @@ from pathlib import Path
 
 import torch
 
-from cqd.config import load_run_config
-from cqd.data.sr import SRImages
 from cqd.engine import phases as phase_opts
-from cqd.engine import sr
 from cqd.engine.model_files import build_model
+from cqd.engine.schema import load_run_config
 from cqd.methods import METHODS, Step
 from cqd.methods.base import freeze
 from cqd.models.taps import FeatureTaps
+from cqd.tasks.sr import pipeline as sr
+from cqd.tasks.sr.data import SRImages
 
 
 def setup(cfg, method_name: str, model: str, teacher: str | None):
     torch.manual_seed(0)
     student = build_model(sr.model_name(cfg, model), 3, 3, False, cfg.train.channels_last)
     sample = torch.zeros(2, 3, cfg.sr.patch, cfg.sr.patch)
-    f = None if teacher is None else freeze(build_model(sr.model_name(cfg, teacher), 3, 3, False, cfg.train.channels_last))
+    f = None if teacher is None else freeze(build_model(sr.model_name(cfg, teacher), 3, 3, False,
+                                                        cfg.train.channels_last))
     cls = METHODS.get(method_name)
     method = cls(student, getattr(cfg.method, method_name, None) or cls.Params(), [f] if f is not None else (), sample)
     taps = FeatureTaps(f, method.teacher_taps[0]) if f is not None and method.teacher_taps[0] else None
@@ -95,7 +96,8 @@ def main() -> None:
     head = (f"x{cfg.sr.scale}, LR patches {cfg.sr.patch} px, batch {cfg.train.batch_size}, torch threads "
             f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     lines = [head, "", "| run | precision | patches/s | making patches (share of a step) |", "|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['precision']} | {r['patches_per_s']:.1f} | {100 * r['patch_share']:.2f}% |" for r in results]
+    lines += [f"| {r['run']} | {r['precision']} | {r['patches_per_s']:.1f} | {100 * r['patch_share']:.2f}% |"
+              for r in results]
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ HEAVY = ["torch", "lightning", "lightning_fabric", "lightning.pytorch", "torchme
 COMMANDS = {  # name: python code run with `python -c` (what the command runs)
     "import cqd.engine.trainer": "import cqd.engine.trainer",
     "cqd --help": "from cqd.cli import main; sys.argv = ['cqd', '--help']; main()",
-    "cqd train train.epochs=0 (a config error)": "from cqd.cli import main; sys.argv = ['cqd', 'train', 'train.epochs=0']; main()",
+    "cqd train train.epochs=0 (a config error)":
+        "from cqd.cli import main; sys.argv = ['cqd', 'train', 'train.epochs=0']; main()",
     "import cqd.config (what reading a config imports)": "import cqd.config",
 }
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -72,7 +73,8 @@ def main() -> None:
 
     floor, _ = timed("import torch, torchvision", args.repeats)
     trainer, _ = timed(COMMANDS["import cqd.engine.trainer"], args.repeats)
-    print(f"\n`import torch, torchvision`: {floor:.2f} s; `import cqd.engine.trainer` adds {trainer - floor:.2f} s to it")
+    print(f"\n`import torch, torchvision`: {floor:.2f} s; "
+          f"`import cqd.engine.trainer` adds {trainer - floor:.2f} s to it")
 
     rows = importtimes(COMMANDS["import cqd.engine.trainer"])
     print(f"\n`python -X importtime -c \"import cqd.engine.trainer\"`, top {args.top} by cumulative time "

@@ -16,17 +16,17 @@ def nested(cfg: dict, **over) -> dict:
 
 
 def interrupt_after_epoch(monkeypatch, epochs_done: int) -> None:
-    """A KeyboardInterrupt right after the trainer wrote metrics.csv for epoch `epochs_done` (its checkpoint is written)."""
-    from cqd.engine import trainer
+    """A KeyboardInterrupt right after the trainer wrote metrics.csv for epoch `epochs_done` (its checkpoint is written)."""  # noqa: E501
+    from cqd.engine import hooks
 
-    real = trainer._write_csv
+    real = hooks.write_csv
 
     def write(history, path):
         real(history, path)
         if len(history) == epochs_done:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_write_csv", write)
+    monkeypatch.setattr(hooks, "write_csv", write)
 
 
 def interrupt_at_step(monkeypatch, n: int) -> None:

@@ -113,7 +113,8 @@ def _pairs():
     x = ((y.double() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).float()
     checker = (torch.arange(8).view(-1, 1) + torch.arange(8)) % 2 * 0.2 - 0.1
     z = x + checker
-    return [Pair(x[i:i + 10], z[i:i + 10], y[i:i + 10], torch.zeros(10, 4), torch.arange(i, i + 10)) for i in (0, 10, 20)]
+    return [Pair(x[i:i + 10], z[i:i + 10], y[i:i + 10], torch.zeros(10, 4), torch.arange(i, i + 10))
+            for i in (0, 10, 20)]
 
 
 def test_router_sends_each_image_to_the_model_for_its_predicted_quality():
@@ -133,7 +134,8 @@ def _have_fashion_mnist() -> bool:
     return any(all(_find(d, s) for stems in FILES.values() for s in stems) for d in (DEBIAN_DIR, DOWNLOAD_DIR))
 
 
-needs_data = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST files not installed (tests never download)")
+needs_data = pytest.mark.skipif(not _have_fashion_mnist(),
+                                reason="Fashion-MNIST files not installed (tests never download)")
 
 
 @needs_data
@@ -146,7 +148,8 @@ def test_quality_predictor_trains_through_the_engine_and_tells_heavy_blur_from_s
     model, ck = load_model(tmp_path / "run" / "model.pt", 2, 1)
     assert ck["num_classes"] == 2  # a 2-way head, whatever the dataset's classes
     again = train({**cfg, "out_dir": str(tmp_path / "again")})
-    assert again["history"] == [{**r, "images_per_s": a["images_per_s"]} for r, a in zip(res["history"], again["history"])]
+    assert again["history"] == [{**r, "images_per_s": a["images_per_s"]}
+                                for r, a in zip(res["history"], again["history"])]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +193,8 @@ def test_multires_end_to_end_then_reuses_its_runs(tmp_path, cache, capsys):
 @pytest.mark.slow
 @needs_data
 def test_explain_end_to_end(tmp_path, cache, capsys):
-    args = ["explain", "--config", str(CONFIGS / "explain.yaml"), "--n", "16", f"out_dir={tmp_path}", f"cache_dir={cache}", *TINY]
+    args = ["explain", "--config", str(CONFIGS / "explain.yaml"), "--n", "16", f"out_dir={tmp_path}",
+            f"cache_dir={cache}", *TINY]
     assert main(args) == 0
     assert f"wrote {tmp_path / 'saliency.png'}" in capsys.readouterr().out
     for name in ("saliency.png", "tau_scatter.png"):
@@ -199,7 +203,8 @@ def test_explain_end_to_end(tmp_path, cache, capsys):
     tb, tc = torch.tensor(res["tau_B"]), torch.tensor(res["tau_CQD"])
     assert len(tb) == len(tc) == len(res["index"]) == len(res["box"]) == res["n"] == 16
     assert ((tb >= 0) & (tb <= 1) & (tc >= 0) & (tc <= 1)).all()
-    assert res["mean_tau_B"] == pytest.approx(tb.mean().item()) and res["mean_tau_CQD"] == pytest.approx(tc.mean().item())
+    assert (res["mean_tau_B"] == pytest.approx(tb.mean().item())
+            and res["mean_tau_CQD"] == pytest.approx(tc.mean().item()))
     assert res["share_tau_CQD_above_B"] == pytest.approx((tc > tb).double().mean().item())
     assert any(b != [0.0, 0.0, 16.0, 16.0] for b in res["box"])
 

@@ -12,7 +12,8 @@ LINES = {
               {"config": "c.yaml", "resume": True, "data_dir": "d"}),
     "eval": ("cmd_eval", ["--model", "m.pt", "--config", "c.yaml"], {"model": "m.pt", "config": "c.yaml"}),
     "table": ("cmd_table", ["--config", "c.yaml", "--force"], {"config": "c.yaml", "force": True}),
-    "demo": ("cmd_table", ["--data-dir", "d", "--force"], {"config": "configs/quick.yaml", "data_dir": "d", "force": True}),
+    "demo": ("cmd_table", ["--data-dir", "d", "--force"],
+             {"config": "configs/quick.yaml", "data_dir": "d", "force": True}),
     "show-degradations": ("cmd_show", ["-n", "3", "--out", "o.png", "--specs", "edges", "blur"],
                           {"n": 3, "out": "o.png", "specs": ["edges", "blur"]}),
     "multires": ("cmd_multires", ["--config", "c.yaml", "--data-dir", "d"], {"config": "c.yaml", "data_dir": "d"}),
@@ -72,7 +73,7 @@ def test_overrides_typed_after_specs_are_overrides_not_specs(monkeypatch):
 @pytest.mark.parametrize("command, config", [("table", "configs/cub.yaml"), ("demo", "configs/quick.yaml")])
 def test_data_dir_is_the_data_root_of_a_grids_base(command, config, monkeypatch, tmp_path):
     """A grid has no data.root: `--data-dir` is its base.data.root, so every cell reads from there."""
-    from cqd.config import load_grid_config
+    from cqd.experiments.schema import load_grid_config
 
     seen = []
     monkeypatch.setattr(cli, "_run_table", lambda config, overrides, force: seen.append((config, overrides)) or 0)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cqd.compress.compressor import Compressor, fp32_for_qat
+from cqd.compress.compressor import Compressor
 from cqd.compress.pruning import Pruner, channel_counts, count_params, reshape_to
-from cqd.config import GridConfig, RunConfig, run_config
-from cqd.engine.checkpoint import load_checkpoint
+from cqd.engine.precision import fp32_for_qat
+from cqd.engine.schema import run_config
 from cqd.errors import ConfigError
+from cqd.experiments.schema import grid_config
+from cqd.files import load_checkpoint
 from cqd.models import create_model
 from helpers import interrupt_after_epoch, tiny_cfg
 
@@ -20,7 +22,7 @@ from helpers import interrupt_after_epoch, tiny_cfg
 def _prune(name: str, ratio: float, importance: str = "magnitude", seed: int = 0):
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10, in_chans=1)
-    cfg = RunConfig.model_validate({"compress": {"prune": {"ratio": ratio, "importance": importance}}}).compress.prune
+    cfg = run_config({"compress": {"prune": {"ratio": ratio, "importance": importance}}}).compress.prune
     x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
     pruner = Pruner(model, cfg, x[:2], lambda n: [(x, y)])
     before = count_params(model)
@@ -62,12 +64,13 @@ def test_taylor_importance_keeps_the_channels_with_the_largest_weight_times_grad
     torch.nn.functional.cross_entropy(ref(x), y).backward()
     # the stem's 16 channels are one group: they are the residual stream of stage 1 (Torch-Pruning's DepGraph couples
     # the stem conv and BN, block 1's conv1 inputs and conv2/bn2 outputs, block 2's conv1 and shortcut inputs).
-    # A channel's score: the sum over those layers of |w * dCE/dw| over its slice (Molchanov et al.'s first-order Taylor)
+    # A channel's score: the sum over those layers of |w * dCE/dw| over its slice
+    # (Molchanov et al.'s first-order Taylor)
     f, b1, b2 = ref.features[0], ref.features[3], ref.features[4]
     t = lambda m: (m.weight * m.weight.grad).abs()  # noqa: E731
     score = (t(f).sum((1, 2, 3)) + t(ref.features[1]) + t(b1.conv2).sum((1, 2, 3)) + t(b1.bn2)
              + t(b1.conv1).sum((0, 2, 3)) + t(b2.conv1).sum((0, 2, 3)) + t(b2.shortcut[0]).sum((0, 2, 3)))
-    cfg = RunConfig.model_validate({"compress": {"prune": {"ratio": 0.5, "importance": "taylor"}}}).compress.prune
+    cfg = run_config({"compress": {"prune": {"ratio": 0.5, "importance": "taylor"}}}).compress.prune
     Pruner(model, cfg, x[:2], lambda n: [(x, y)]).step()
     kept = model.features[0].weight.detach()
     full = ref.features[0].weight.detach()
@@ -79,7 +82,8 @@ def test_taylor_importance_keeps_the_channels_with_the_largest_weight_times_grad
 def test_a_pruned_run_trains_resumes_to_the_uninterrupted_result_and_loads_for_eval(tmp_path, monkeypatch):
     import cqd.api as api
 
-    over = dict(method={"name": "lq"}, train__epochs=2, compress={"prune": {"ratio": 0.5, "schedule": "iterative", "steps": 2}})
+    over = dict(method={"name": "lq"}, train__epochs=2,
+                compress={"prune": {"ratio": 0.5, "schedule": "iterative", "steps": 2}})
     straight = api.train(tiny_cfg(tmp_path, "straight", **over))
     cfg = tiny_cfg(tmp_path, "resumed", **over)
     with monkeypatch.context() as m:
@@ -122,7 +126,8 @@ def test_qat_run_inserts_fake_quant_trains_in_fp32_and_converts_to_int8_for_eval
     graph = onnx.load(out["path"]).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
-    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)  # int8 conv weights
+    # int8 conv weights
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)
     with pytest.raises(Exception, match="no TorchScript export"):
         api.export(tmp_path / "qat" / "model.pt", "torchscript")
 
@@ -172,9 +177,9 @@ def test_iterative_steps_beyond_the_epochs_and_qat_with_a_feature_method_are_err
 
 def test_a_grid_deploy_pair_must_name_its_rows():
     base = {"columns": {"lowres": {"degradation": "lowres:size=8"}}, "rows": ["lq", "cqd"]}
-    GridConfig.model_validate({**base, "deploy": {"pairs": [["lq", "cqd"]]}})
-    with pytest.raises(ValidationError, match="deploy.pairs names rows 'ft'"):
-        GridConfig.model_validate({**base, "deploy": {"pairs": [["ft", "cqd"]]}})
+    grid_config({**base, "deploy": {"pairs": [["lq", "cqd"]]}})
+    with pytest.raises(ConfigError, match="deploy.pairs names rows 'ft'"):
+        grid_config({**base, "deploy": {"pairs": [["ft", "cqd"]]}})
 
 
 def test_a_grid_with_deploy_reports_size_latency_and_each_pairs_gain(tmp_path):
@@ -192,7 +197,8 @@ def test_a_grid_with_deploy_reports_size_latency_and_each_pairs_gain(tmp_path):
             "base": base, "deploy": {"pairs": [["ft", "kd"]], "repeats": 3, "batches": [1, 4]}}
     out = api.table(grid)
     report = tmp_path / "grid" / "report"
-    res = {r: json.loads((tmp_path / "grid" / "cells" / "lr" / r / "s0" / "result.json").read_text()) for r in ("ft", "kd")}
+    res = {r: json.loads((tmp_path / "grid" / "cells" / "lr" / r / "s0" / "result.json").read_text())
+           for r in ("ft", "kd")}
     deploy = json.loads((report / "deploy.json").read_text())
     full = count_params(create_model("resnet8", num_classes=10, in_chans=1))
     for m in deploy["rows"]:

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from cqd.config import load_grid_config, load_run_config, load_tune_config, load_yaml, presets
-from cqd.errors import ConfigError
+from cqd.config import load_yaml, presets
 from cqd.degradations import parse_degradation
+from cqd.engine.schema import load_run_config
+from cqd.errors import ConfigError
+from cqd.experiments.schema import load_grid_config, load_tune_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -17,7 +19,8 @@ def test_shipped_config_is_valid(path):
     if "columns" in load_yaml(path):
         grid = load_grid_config(path)
         for col in grid.columns.values():
-            parse_degradation(col.degradation).check(1 if grid.base.data.name == "fashion_mnist" else 3, grid.base.data.image_size)
+            parse_degradation(col.degradation).check(1 if grid.base.data.name == "fashion_mnist" else 3,
+                                                     grid.base.data.image_size)
     elif "mix" in (load_yaml(path).get("base", {}).get("data") or {}):  # `cqd sym`
         from cqd.analysis.symtable import load_sym_config
 
@@ -44,5 +47,6 @@ def test_presets_resolve_from_any_folder_and_a_local_file_wins(tmp_path, monkeyp
     (tmp_path / "configs" / "quick.yaml").write_text("name: mine\nout_dir: mine\ncolumns: {a: {degradation: gray}}\n")
     assert load_grid_config("configs/quick.yaml").out_dir == "mine"
     for missing in ["configs/nope.yaml", "nope", "elsewhere/quick.yaml"]:
-        with pytest.raises(ConfigError, match=r"does not exist; the shipped presets are configs/\{cars.yaml,.*quick.yaml"):
+        with pytest.raises(ConfigError,
+                           match=r"does not exist; the shipped presets are configs/\{cars.yaml,.*quick.yaml"):
             load_yaml(missing)

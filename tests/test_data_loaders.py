@@ -355,7 +355,8 @@ def test_cars_missing_annotation_files(tmp_path):
 def test_cars_bad_mat_files(tmp_path):
     make_cars_single_file(tmp_path)
     no_boxes = [{"relative_im_path": "car_ims/000001.jpg", "class": 1, "test": 0}]
-    scipy.io.savemat(tmp_path / "cars_annos.mat", {"annotations": struct_array(no_boxes), "class_names": cell(CAR_CLASSES)})
+    scipy.io.savemat(tmp_path / "cars_annos.mat",
+                     {"annotations": struct_array(no_boxes), "class_names": cell(CAR_CLASSES)})
     with pytest.raises(DataError, match="lacks field.*bbox_x1"):
         cars.build(tmp_path, "train", S)
     (tmp_path / "cars_annos.mat").write_bytes(b"garbage")
@@ -560,8 +561,8 @@ def test_fashion_mnist_is_never_downloaded_under_cqd_no_download(tmp_path, monke
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", download)
     with pytest.raises(DataError) as e:
         fashion_mnist.build(None, "train")
-    for words in ("apt-get install dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist", str(tmp_path / "debian"),
-                  "CQD_NO_DOWNLOAD", "--data-dir"):
+    for words in ("apt-get install dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist",
+                  str(tmp_path / "debian"), "CQD_NO_DOWNLOAD", "--data-dir"):
         assert words in str(e.value)
     assert downloads == []
     monkeypatch.setenv("CQD_NO_DOWNLOAD", "0")  # allowed again: the download is tried (and fails here)

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqd.config import run_config
-from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.evaluate import evaluate_saved
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import train
+from cqd.files import load_checkpoint
 from helpers import nested
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ def _launch_ddp(cfg: dict, cwd: Path, timeout: int = 300, resume: bool = False, 
     """Runs `cqd train` in 2 CPU processes under torchrun; returns its stdout and stderr (asserts success if `ok`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_over}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "cqd", "train", *(["--resume"] if resume else []), *_overrides(cfg),
-           "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+           "--master_port", str(_free_port()), "-m", "cqd", "train", *(["--resume"] if resume else []),
+           *_overrides(cfg), "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # its own process group: the ranks die with the launcher
     try:
@@ -99,7 +99,8 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, teacher
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1  # same items, teacher and view: one table
 
-    a, b = load_checkpoint(tmp_path / "ddp" / "model.pt")["model"], load_checkpoint(tmp_path / "single" / "model.pt")["model"]
+    a, b = (load_checkpoint(tmp_path / "ddp" / "model.pt")["model"],
+            load_checkpoint(tmp_path / "single" / "model.pt")["model"])
     assert a.keys() == b.keys()
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     moved = max(float((b[k].float() - v.float()).abs().max()) for k, v in _init_weights().items())
@@ -145,8 +146,9 @@ def _sitecustomize(tmp_path: Path, code: str) -> str:
 def test_ddp_interrupt_on_one_rank_stops_every_rank_at_one_step_and_resume_equals_one_process(tmp_path):
     """A SIGINT that reaches rank 1 only, mid-epoch: both ranks stop after the same step (no rank left
     waiting in an all-reduce), rank 0 saves last.ckpt with its loss sums, and `--resume` under DDP ends
-    with the weights of the uninterrupted one-process run on the double batch."""
-    cfg = _cfg(tmp_path, "ddp", batch=16)
+    with the weights of the uninterrupted one-process run on the double batch. The ranks agree on stopping at
+    their checks (`train.check_every`, here every step)."""
+    cfg = _cfg(tmp_path, "ddp", batch=16, train__check_every=1)
     out = _launch_ddp(cfg, tmp_path, timeout=120, ok=False, CQD_TEST_SIGINT_AT="4",
                       PYTHONPATH=_sitecustomize(tmp_path, SIGINT_ON_RANK_1))
     assert "interrupted: saved" in out, out[-6000:]
@@ -156,7 +158,8 @@ def test_ddp_interrupt_on_one_rank_stops_every_rank_at_one_step_and_resume_equal
     _launch_ddp(cfg, tmp_path, resume=True)
     single = train(_cfg(tmp_path, "single", batch=32))
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
-    a, b = load_checkpoint(tmp_path / "ddp" / "model.pt")["model"], load_checkpoint(tmp_path / "single" / "model.pt")["model"]
+    a, b = (load_checkpoint(tmp_path / "ddp" / "model.pt")["model"],
+            load_checkpoint(tmp_path / "single" / "model.pt")["model"])
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= WEIGHT_ATOL
     for d, s in zip(ddp["history"], single["history"], strict=True):
         assert d["loss_ce"] == pytest.approx(s["loss_ce"], rel=1e-4)  # epoch 1's sums: rank 0's saved + resumed

@@ -54,7 +54,8 @@ def smooth(b: int, c: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def shapes(b: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """A bright disc and a mid-grey square on a gentle ramp, and their 2 px wide boundaries."""
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
     images, labels = [], []
     for i in range(b):
         disc = (xx - 10 - i) ** 2 + (yy - 11) ** 2 <= 36
@@ -515,7 +516,8 @@ VALUE = st.one_of(
     st.text("0123456789.-eE", max_size=6),
 )
 PARAM = st.builds(lambda k, eq, v: k + eq + v, KEY, st.sampled_from(["=", "", "=="]), VALUE)
-STAGE = st.builds(lambda n, sep, ps: n + sep + ",".join(ps), NAME, st.sampled_from(["", ":", ": "]), st.lists(PARAM, max_size=3))
+STAGE = st.builds(lambda n, sep, ps: n + sep + ",".join(ps), NAME, st.sampled_from(["", ":", ": "]),
+                  st.lists(PARAM, max_size=3))
 SPEC = st.one_of(
     st.text("abcdeglnoprstuwxyz0123456789:=,+.-_ /", max_size=40),
     st.lists(STAGE, min_size=1, max_size=3).map("+".join),

@@ -19,17 +19,18 @@ import pytest
 import torch
 
 from cqd.cli import main as cli_main
-from cqd.config import run_config
 from cqd.data.paired import PairMaker
-from cqd.engine import loaders, precision, trainer
-from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.teachers import Teachers
-from cqd.engine.loaders import build_datasets, make_maker
+from cqd.engine import precision, trainer
 from cqd.engine.model_files import load_model
+from cqd.engine.schema import run_config
+from cqd.engine.teachers import Teachers
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError
+from cqd.files import load_checkpoint
 from cqd.methods.base import Method
 from cqd.models import create_model
+from cqd.tasks.classification import data as loaders
+from cqd.tasks.classification.data import build_datasets, make_maker
 from helpers import interrupt_after_epoch, nested
 
 METHODS = ["hq", "lq", "augment", "staged", "cqd"]
@@ -55,7 +56,8 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(root) -> str:
     """f: resnet8 trained on A (hq) for 16 steps; its model.pt."""
-    train(make_cfg(root, "teacher", method__name="hq", data__train_subset=256, train__epochs=2, train__max_steps_per_epoch=8))
+    train(make_cfg(root, "teacher", method__name="hq", data__train_subset=256, train__epochs=2,
+                   train__max_steps_per_epoch=8))
     return str(root / "teacher" / "model.pt")
 
 
@@ -124,7 +126,8 @@ def init_spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("method,init,from_teacher", [("cqd", "auto", True), ("cqd", "scratch", False), ("staged", "auto", True)])
+@pytest.mark.parametrize("method,init,from_teacher",
+                         [("cqd", "auto", True), ("cqd", "scratch", False), ("staged", "auto", True)])
 def test_student_initialisation(method, init, from_teacher, root, teacher, tmp_path, init_spy):
     train(make_cfg(tmp_path, "init", method__name=method, method__init=init, teacher__checkpoint=teacher,
                    train__epochs=1, train__max_steps_per_epoch=1))
@@ -140,7 +143,8 @@ def test_student_initialisation(method, init, from_teacher, root, teacher, tmp_p
 
 @pytest.mark.parametrize("method,init", [("staged", "auto"), ("cqd", "teacher")])
 def test_teacher_init_needs_same_architecture(method, init, teacher, tmp_path):
-    cfg = make_cfg(tmp_path, "bad", model="resnet14", method__name=method, method__init=init, teacher__checkpoint=teacher)
+    cfg = make_cfg(tmp_path, "bad", model="resnet14", method__name=method, method__init=init,
+                   teacher__checkpoint=teacher)
     with pytest.raises(ConfigError, match="architecture"):
         train(cfg)
     assert not (tmp_path / "bad" / "model.pt").exists()
@@ -264,12 +268,12 @@ def _interrupt_before(monkeypatch, epoch: int, step: int) -> None:
     made = []
     real = loaders.make_maker
 
-    def make(cfg, base):
+    def make(cfg, base, *views):
         made.append(1)
-        m = real(cfg, base)
+        m = real(cfg, base, *views)
         return _Tripwire(m, epoch, step) if len(made) == 1 else m  # the training maker is made first
 
-    monkeypatch.setattr(loaders, "make_maker", make)  # the classification task's maker (cqd.engine.tasks)
+    monkeypatch.setattr(loaders, "make_maker", make)  # the classification task's maker
 
 
 def _sigint_after_optimizer_step(monkeypatch, n: int) -> None:
@@ -320,12 +324,14 @@ def test_resume_is_bit_exact(how, ck_epoch, ck_step, root, teacher, reference, m
     assert (res["acc_hq"], res["acc_lq"]) == (ref["acc_hq"], ref["acc_lq"])
     assert len(res["history"]) == 3
     for a, b in zip(res["history"], ref["history"]):
-        assert {k: v for k, v in a.items() if k != "images_per_s"} == {k: v for k, v in b.items() if k != "images_per_s"}
+        assert ({k: v for k, v in a.items() if k != "images_per_s"}
+                == {k: v for k, v in b.items() if k != "images_per_s"})
     _, rows = _rows(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
-def test_a_signal_during_the_last_evaluation_stops_the_caller_after_the_run_is_saved(root, teacher, reference, monkeypatch):
+def test_a_signal_during_the_last_evaluation_stops_the_caller_after_the_run_is_saved(root, teacher, reference,
+                                                                                    monkeypatch):
     """SIGTERM after the last step's check (in the final evaluation) used to be swallowed: the run
     returned and a grid went on to its next cell. Now the run finishes, saves, then raises."""
     cfg = make_cfg(root, "sigterm-at-end", method__name="cqd", teacher__checkpoint=teacher)
@@ -394,5 +400,6 @@ def test_bf16_mixed_on_cpu_trains_and_keys_its_own_teacher_cache(root, teacher, 
     losses = [h["loss_ce"] for h in res["history"]]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert "computed and cached" in capsys.readouterr().out
-    train(make_cfg(root, "fp32", method__name="cqd", teacher__checkpoint=teacher, train__epochs=1, cache_dir=str(tmp_path)))
+    train(make_cfg(root, "fp32", method__name="cqd", teacher__checkpoint=teacher, train__epochs=1,
+                   cache_dir=str(tmp_path)))
     assert "computed and cached" in capsys.readouterr().out  # not the bf16 table

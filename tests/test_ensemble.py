@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqd.config import run_config
 from cqd.degradations import parse_degradation
-from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.loaders import build_datasets, make_maker
 from cqd.engine.model_files import load_model
-from cqd.engine.trainer import train
+from cqd.engine.schema import run_config
 from cqd.errors import ConfigError
+from cqd.experiments.rounds import train
+from cqd.files import load_checkpoint
 from cqd.methods.cqd import KDParams, kd_term, soft_kl
 from cqd.methods.ens import Ensemble, ensemble_kl, ensemble_target, ensemble_term
 from cqd.methods.feed import FEED
 from cqd.models import create_model
+from cqd.tasks.classification.data import build_datasets, make_maker
 from helpers import interrupt_after_epoch, tiny_cfg
 
 
@@ -146,7 +146,8 @@ def test_feed_model_pt_holds_exactly_the_student(root, teachers):
     ({"method__feed": {"teacher_layers": ["features"]}}, "teacher_layers has 1 entries but the run has 2 teacher"),
     ({"method__feed": {"teacher_layers": [None, "featurs.6"]}},
      r"method.feed.teacher_layers\[1\] on teacher 1: no layer named 'featurs.6'.*Did you mean 'features.6'"),
-    ({"method__feed": {"student_layer": "head.x"}}, "method.feed.student_layer on the student: no layer named 'head.x'"),
+    ({"method__feed": {"student_layer": "head.x"}},
+     "method.feed.student_layer on the student: no layer named 'head.x'"),
     ({"method__feed": {"depth": 0}}, "method.feed.depth: Input should be greater than or equal to 1"),
     ({"method__feed": {"distance": "l3"}}, "method.feed.distance: Input should be 'l1' or 'l2'"),
     ({"method__name": "ens", "method__ens": {"loss": "mse"}}, "method.ens.loss: Input should be 'ce'"),
@@ -208,11 +209,13 @@ def test_sequential_rounds_chain_the_right_checkpoints(root, teachers, monkeypat
     assert [[t["checkpoint"] for t in c["teachers"]] or [c["teacher"]["checkpoint"]] for c in got] == [
         teachers, [str(out / "round1" / "model.pt")], [str(out / "round2" / "model.pt")]]
     for c in got[1:]:  # later rounds: the student's architecture and input, its own init, its tap
-        assert (c["teacher"]["model"], c["teacher"]["degradation"], c["method"]["init"]) == ("resnet8", "lowres:size=4", "scratch")
+        assert ((c["teacher"]["model"], c["teacher"]["degradation"], c["method"]["init"])
+                == ("resnet8", "lowres:size=4", "scratch"))
         assert c["method"]["feed"]["teacher_layers"] == [None] and c["method"]["feed"]["rounds"] == 1
     assert res["teachers"] == [str(out / "round2" / "model.pt")] and (out / "model.pt").is_file()
     runs = []
     real = trainer.Run.fit
-    monkeypatch.setattr(trainer.Run, "fit", lambda self, on_epoch=None: runs.append(self.cfg.out_dir) or real(self, on_epoch))
+    monkeypatch.setattr(trainer.Run, "fit",
+                        lambda self, on_epoch=None: runs.append(self.cfg.out_dir) or real(self, on_epoch))
     train(copy.deepcopy(cfg), resume=True)
     assert runs == [str(out)]  # rounds 1 and 2 are done; the last round resumes (and finds itself finished)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cqd.compress.pruning import Pruner
-from cqd.config import RunConfig, run_config
 from cqd.engine.model_files import save_model
+from cqd.engine.schema import run_config
 from cqd.errors import CQDError
 from cqd.models import create_model
 from helpers import tiny_cfg
@@ -21,7 +21,7 @@ def _saved(tmp_path, name: str, prune: float = 0.0):
     model = create_model(name, num_classes=10, in_chans=1)
     record = None
     if prune:
-        pcfg = RunConfig.model_validate({"compress": {"prune": {"ratio": prune}}}).compress.prune
+        pcfg = run_config({"compress": {"prune": {"ratio": prune}}}).compress.prune
         pruner = Pruner(model, pcfg, torch.randn(2, 1, 16, 16), lambda n: [])
         pruner.step()
         record = {"channels": pruner.channels(), "qat": False, "chw": [1, 16, 16]}

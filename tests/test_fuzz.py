@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from cqd import api
 from cqd.cli import main
-from cqd.config import RunConfig, apply_overrides, load_grid_config, load_run_config, run_config
+from cqd.config import apply_overrides
 from cqd.degradations import DEGRADATIONS, Degradation, parse_degradation
+from cqd.engine.schema import RunConfig, load_run_config, run_config
 from cqd.errors import CQDError
+from cqd.experiments.schema import load_grid_config
 
 
 def examples(n: int) -> int:
@@ -54,7 +56,8 @@ configs = st.dictionaries(keys, st.one_of(values, section), max_size=8)
 override_keys = st.one_of(st.sampled_from(LEAVES), st.sampled_from(TOP),
                           st.builds(lambda a, b: f"{a}.{b}", st.sampled_from(LEAVES), st.text(max_size=5)),
                           st.text(max_size=15))
-override_values = st.one_of(st.text(max_size=20), scalars.map(lambda v: yaml.safe_dump(v).removesuffix("\n...\n").strip()),
+override_values = st.one_of(st.text(max_size=20),
+                            scalars.map(lambda v: yaml.safe_dump(v).removesuffix("\n...\n").strip()),
                             st.sampled_from(["{a: 1}", "[1, 2]", "!!python/object/apply:os.system [x]", "&a [*a]",
                                              "{", "'", "null", ".inf", "2020-01-01", "0x10", "1_000"]))
 overrides = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values),
@@ -139,7 +142,8 @@ argv_tokens = st.one_of(
 def test_random_cli_arguments(command, tokens):
     """The CLI path up to the engine (the config is loaded as the API loads it, the engine is stubbed):
     exit 0 or 2, never a traceback or an exception."""
-    result = {"name": "x", "method": "lq", "degradation": "none", "acc_hq": 0, "acc_lq": 0, "wall_s": 0, "images_per_s": 0}
+    result = {"name": "x", "method": "lq", "degradation": "none", "acc_hq": 0, "acc_lq": 0, "wall_s": 0,
+              "images_per_s": 0}
 
     def train(config=None, *overrides, **_):
         load_run_config(config, list(overrides))

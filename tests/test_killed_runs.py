@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint, save_json
 from cqd.errors import CheckpointError
+from cqd.files import load_checkpoint, save_checkpoint, save_json
 
 # Runs `cqd.cli.main(argv[4:])` with os.fsync wrapped: each fsync of a temp file of `target`
 # (".<target name>.*.tmp" in its folder) adds a line to `marker`.writes; at the n-th (n > 0) it writes
@@ -94,7 +94,8 @@ def start(children: list, argv: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     children.append(proc)
     return proc
 
@@ -181,7 +182,7 @@ def test_sigkill_inside_checkpoint_writes_then_resume_equals_an_uninterrupted_ru
 # the temp file, then the writer leaves the temp file's path in argv[2] and sleeps.
 WRITER = r"""
 import io, os, sys, time, torch
-from cqd.engine.checkpoint import save_checkpoint
+from cqd.files import save_checkpoint
 path, marker, torn_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real_save = torch.save
 

@@ -83,7 +83,7 @@ def test_ce_t_gradcheck_float64():
 
 
 def test_logged_kl_has_the_gradient_of_ce_t():
-    """Logging the KL instead of CE_T changes the number, not the student's gradient (issue: a loss that never moves)."""
+    """Logging the KL instead of CE_T changes the number, not the student's gradient (issue: a loss that never moves)."""  # noqa: E501
     a = S.double().clone().requires_grad_(True)
     b = S.double().clone().requires_grad_(True)
     soft_cross_entropy(a, TL.double(), 10.0).backward()
@@ -103,7 +103,8 @@ def test_ce_t_gradient_is_softmax_difference_over_T():
 def test_half_precision_logits_are_computed_in_float32():
     got = soft_cross_entropy(S.bfloat16(), TL.bfloat16(), 2.0)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(soft_cross_entropy(S.bfloat16().float(), TL.bfloat16().float(), 2.0).item(), abs=1e-6)
+    assert got.item() == pytest.approx(soft_cross_entropy(S.bfloat16().float(), TL.bfloat16().float(), 2.0).item(),
+                                       abs=1e-6)
 
 
 # --- methods: which view the student sees, and the named losses -------------------------------

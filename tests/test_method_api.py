@@ -13,15 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cqd.engine import teachers as teachers_module
-from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.loaders import build_datasets, make_loader, make_maker
+from cqd.engine.loaders import make_loader
 from cqd.engine.model_files import load_model
 from cqd.engine.sampling import EpochSampler
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError
+from cqd.files import load_checkpoint
 from cqd.methods import METHODS, Method, Phase
 from cqd.models import create_model
 from cqd.models.taps import FeatureTaps, last_feature_map
+from cqd.tasks.classification.data import build_datasets, make_maker
 from helpers import interrupt_after_epoch, interrupt_at_step, tiny_cfg
 
 
@@ -65,7 +66,7 @@ def test_one_training_step_equals_a_hand_written_sgd_step(method, root, teacher,
     train(copy.deepcopy(cfg))
     got = load_checkpoint(Path(cfg["out_dir"]) / "model.pt")["model"]
 
-    from cqd.config import run_config
+    from cqd.engine.schema import run_config
 
     rc = run_config(cfg)
     train_ds, _, base, _ = build_datasets(rc)
@@ -110,7 +111,8 @@ def test_fitnet_regressor_is_optimized_checkpointed_and_resume_is_bit_exact(root
     train(copy.deepcopy(cfg), resume=True)
     final = _state(Path(cfg["out_dir"]) / "last.ckpt")
     assert not _equal(final, _state(root / "fitnet-ref" / "last.ckpt"))  # resumed == uninterrupted, regressor included
-    assert not torch.equal(after_one["regressor.0.weight"], final["regressor.0.weight"])  # the conv learns (only SGD moves it)
+    # the conv learns (only SGD moves it)
+    assert not torch.equal(after_one["regressor.0.weight"], final["regressor.0.weight"])
     opt = load_checkpoint(Path(cfg["out_dir"]) / "last.ckpt")["optimizers"]["main"]
     n_student = len([k for k in final if k.startswith("student.") and k.endswith(("weight", "bias"))])
     assert len(opt["param_groups"][0]["params"]) == n_student + 3  # + the regressor's conv weight, BN weight and bias
@@ -184,7 +186,8 @@ def test_multi_phase_and_changing_students_resume_bit_exactly(name, cut, root, m
     assert strip == [{k: v for k, v in r.items() if k != "images_per_s"} for r in ref["history"]]
     last = load_checkpoint(root / f"{name}-ref" / "last.ckpt")
     if name == "_test_two_phase":
-        assert set(last["optimizers"]) == {"main", "aux"} and "exp_avg" in str(last["optimizers"]["aux"]["state"][0].keys())
+        assert (set(last["optimizers"]) == {"main", "aux"}
+                and "exp_avg" in str(last["optimizers"]["aux"]["state"][0].keys()))
         assert last["optimizers"]["aux"]["param_groups"][0]["lr"] < last["optimizers"]["main"]["param_groups"][0]["lr"]
         assert {"loss_ce", "loss_probe"} <= set(ref["history"][-1])
     else:  # the new layer is trained after the change, and the student kept learning
@@ -198,7 +201,8 @@ def test_multi_phase_and_changing_students_resume_bit_exactly(name, cut, root, m
 
 @pytest.mark.parametrize("name, layer, by_hand", [
     ("resnet8", "features", lambda m, x: m.features(x)),
-    ("resnet8", "features.4", lambda m, x: m.features[4](m.features[3](m.features[2](m.features[1](m.features[0](x)))))),
+    ("resnet8", "features.4",
+     lambda m, x: m.features[4](m.features[3](m.features[2](m.features[1](m.features[0](x)))))),
     ("tv:resnet18", "layer1", lambda m, x: m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))),
     ("timm:convnext_zepto_rms", "stem", lambda m, x: m.stem(x)),
 ])
@@ -238,7 +242,8 @@ def test_fitnet_and_at_with_a_wrong_layer_name_fail_before_training(root, teache
     for method, key in (("fitnet", "hint"), ("at", "student_layers")):
         value = "nope" if key == "hint" else ["nope"]
         with pytest.raises(ConfigError, match=f"method.{method}.{key} on the student: no layer named 'nope'"):
-            train(cfg_for(root, f"bad-{method}", method__name=method, teacher__checkpoint=teacher, **{f"method__{method}": {key: value}}))
+            train(cfg_for(root, f"bad-{method}", method__name=method, teacher__checkpoint=teacher,
+                          **{f"method__{method}": {key: value}}))
 
 
 # --- several teachers ------------------------------------------------------------------------------
@@ -259,7 +264,8 @@ def test_each_teacher_has_its_own_cache_entry_and_a_changed_teacher_misses(root,
     ck["model"]["head.bias"][0] += 0.5
     torch.save(ck, other)
     two = [{"checkpoint": teacher}, {"checkpoint": str(other)}]
-    short = {"method__name": "cqd", "train__epochs": 1, "train__max_steps_per_epoch": 1, "cache_dir": str(tmp_path / "cache")}
+    short = {"method__name": "cqd", "train__epochs": 1, "train__max_steps_per_epoch": 1,
+             "cache_dir": str(tmp_path / "cache")}
     res = train(cfg_for(tmp_path, "two", teachers=two, **short))
     assert calls == ["model.pt", "other.pt"] and len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 2
     assert res["teachers"] == [teacher, str(other)]
@@ -276,7 +282,7 @@ def test_each_teacher_has_its_own_cache_entry_and_a_changed_teacher_misses(root,
 
 
 def test_teacher_and_teachers_together_is_an_error():
-    from cqd.config import run_config
+    from cqd.engine.schema import run_config
 
     with pytest.raises(ConfigError, match="either as `teacher:` .* or as `teachers:`"):
         run_config({"teacher": {"model": "resnet14"}, "teachers": [{"model": "resnet8"}]})

@@ -58,7 +58,8 @@ def teacher(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("div")
     api.train({"out_dir": str(root / "t"), "cache_dir": str(root / "c"), "method": {"name": "hq"},
                "data": {"train_subset": 128, "test_subset": 64},
-               "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 2, "progress": False, "precision": "32-true"}})
+               "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 2, "progress": False,
+                         "precision": "32-true"}})
     return str(root / "t" / "model.pt")
 
 
@@ -71,7 +72,8 @@ def test_a_run_that_diverges_without_a_nan_is_warned_about(tiny_config, teacher,
         res = api.train(tiny_config(teacher__checkpoint=teacher), *DIVERGES)
     assert res["history"][-1]["loss_ce"] > 100
     said = [str(w.message) for w in seen if "diverging" in str(w.message)]
-    assert len(said) == 1 and "far above chance level (log 10 = 2.30)" in said[0] and "Lower train.lr (now 1)" in said[0]
+    assert (len(said) == 1 and "far above chance level (log 10 = 2.30)" in said[0]
+            and "Lower train.lr (now 1)" in said[0])
     assert "method.cqd.lam" in said[0] and "lr 0.0005 with lambda 200" in said[0]
     # through the CLI: one 'cqd: warning:' line, and the run still finishes
     cfg = tiny_config(teacher__checkpoint=teacher, out_dir=str(Path(tiny_config()["out_dir"]).parent / "cli"))
@@ -112,10 +114,12 @@ def test_the_launchers_environment_sets_devices_and_machines(env, want):
 
 
 def test_a_config_that_contradicts_the_launcher_is_an_error():
-    with pytest.raises(ConfigError, match=r"torchrun started 4 processes \(2 per machine on 2 machine\(s\)\) but the config says train.devices=3"):
+    with pytest.raises(ConfigError, match=r"torchrun started 4 processes \(2 per machine on 2 machine\(s\)\) "
+                                          r"but the config says train.devices=3"):
         launcher(_T(devices=3), {"LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
-    assert launcher(_T(devices=2, num_nodes=2, strategy="ddp_find_unused_parameters_true"),
-                    {"LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == (2, 2, "ddp_find_unused_parameters_true")
+    assert (launcher(_T(devices=2, num_nodes=2, strategy="ddp_find_unused_parameters_true"),
+                     {"LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
+            == (2, 2, "ddp_find_unused_parameters_true"))
 
 
 @pytest.mark.slow

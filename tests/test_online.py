@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cqd.config import load_grid_config, run_config
 from cqd.data.paired import Pair
-from cqd.engine.checkpoint import load_checkpoint
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError
+from cqd.experiments.schema import load_grid_config
+from cqd.files import load_checkpoint
 from cqd.methods import METHODS, Step
 from cqd.methods.afd import AFD, AFDParams, discriminator_loss, generator_loss
 from cqd.methods.dml import DML, DMLParams, mutual_terms
@@ -29,7 +30,8 @@ SAMPLE = torch.zeros(2, 1, 32, 32)
 
 def cfg_for(root: Path, name: str, **over) -> dict:
     """helpers.tiny_cfg at 32 px: 96 items, 2 epochs of 3 steps of 32, two resnet8 in deep mutual learning."""
-    return tiny_cfg(root, name, **{"data__train_subset": 96, "data__image_size": 32, "data__degradation": "lowres:size=8",
+    return tiny_cfg(root, name, **{"data__train_subset": 96, "data__image_size": 32,
+                                   "data__degradation": "lowres:size=8",
                                    "train__epochs": 2, "train__batch_size": 32, "train__max_steps_per_epoch": 3,
                                    "method__name": "dml", **over})
 
@@ -116,7 +118,8 @@ def test_afd_pairs_each_network_with_the_next_cyclically_for_K_3():
     for i, t in enumerate(["", "net2/", "net3/"]):
         j = (i + 1) % 3
         assert torch.allclose(adv[f"{t}loss_adv"], ((1 - a[i] * m[i]) ** 2).mean(), atol=1e-6)
-        assert torch.allclose(disc[f"{t}loss_disc"], ((1 - a[i] * m[j]) ** 2).mean() + ((a[i] * m[i]) ** 2).mean(), atol=1e-6)
+        assert torch.allclose(disc[f"{t}loss_disc"], ((1 - a[i] * m[j]) ** 2).mean() + ((a[i] * m[i]) ** 2).mean(),
+                              atol=1e-6)
     with pytest.raises(RuntimeError, match="run 'adv' first"):  # the adv phase's maps are used once
         method(Step(pair, phase="disc"))
 
@@ -162,7 +165,8 @@ def test_every_network_trains_is_checkpointed_and_resume_is_bit_exact(method, ro
     want = load_checkpoint(root / f"{method}-ref" / "last.ckpt")["method"]
     assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
     assert [r["loss_ce"] for r in res["history"]] == [r["loss_ce"] for r in ref["history"]]
-    parts = ["student.", "peers.0."] + (["transfers.0.", "transfers.1.", "discs.0.", "discs.1."] if method == "afd" else [])
+    parts = ["student.", "peers.0."] + (["transfers.0.", "transfers.1.", "discs.0.", "discs.1."]
+                                        if method == "afd" else [])
     for part in parts:
         moved = _params(final, part)
         assert moved and all(not torch.equal(v, init[k]) for k, v in moved.items()), part
@@ -194,7 +198,8 @@ def test_afd_phases_step_in_order_and_each_moves_only_its_own_parts(root, monkey
 
 def _held_out_pair(cfg: dict) -> Pair:
     """The first test batch of `cfg`'s data, as the engine makes it."""
-    from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+    from cqd.engine.loaders import eval_loader
+    from cqd.tasks.classification.data import build_datasets, make_maker
 
     rc = run_config(cfg)
     _, test_ds, _, base_test = build_datasets(rc)
@@ -234,12 +239,13 @@ def test_bad_online_settings_are_clear_errors():
         run_config({"method": {"name": "dml", "dml": {"models": ["resnet9"]}}})
     with pytest.raises(ConfigError, match="layers has 1 entries but k=2"):
         run_config({"method": {"name": "afd", "afd": {"layers": ["features"]}}})
-    with pytest.raises(ConfigError, match="method.afd.layers on network 2: no layer named 'featurs'.*Did you mean 'features'"):
+    with pytest.raises(ConfigError,
+                       match="method.afd.layers on network 2: no layer named 'featurs'.*Did you mean 'features'"):
         AFD(create_model("resnet8", 10, 1), AFDParams(layers=["features", "featurs"]), sample=SAMPLE)
 
 
 def test_a_grids_reference_text_is_printed_under_its_table_in_place_of_the_papers(tmp_path):
-    from cqd.reports.table import PAPER_TABLE1, write_report
+    from cqd.tasks.classification.report import PAPER_TABLE1, write_report
 
     grid = load_grid_config("configs/online.yaml")
     assert "other data" in grid.reference and "74.03" in grid.reference

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cqd.config import GridConfig, RunConfig
 from cqd.data.fashion_mnist import FashionMNIST
 from cqd.data.paired import PairMaker
-from cqd.engine import classification
-from cqd.engine.grid import UNREADABLE_LOCK_S, Cell, claim, run_cell
 from cqd.engine.precision import make_fabric
+from cqd.engine.schema import run_config
+from cqd.experiments.grid import UNREADABLE_LOCK_S, Cell, claim, run_cell
+from cqd.experiments.schema import GridConfig, grid_config
 from cqd.methods import METHODS
-from cqd.reports.table import GAP, summarize
+from cqd.tasks.classification import metrics as classification
+from cqd.tasks.classification.report import GAP, summarize
 
 
 class SharpOrBlurred(nn.Module):
@@ -42,7 +43,7 @@ def test_top1_on_each_view_is_the_share_of_its_known_predictions():
     maker = PairMaker("blur:sigma=3", mean=(0.5,), std=(0.5,))
     maker.prepare(ds)
     loader = DataLoader(ds, batch_size=32, collate_fn=ds.collate)
-    fabric = make_fabric(RunConfig(train={"accelerator": "cpu", "precision": "32-true"}).train)
+    fabric = make_fabric(run_config({"train": {"accelerator": "cpu", "precision": "32-true"}}).train)
     acc = classification.evaluate({"": SharpOrBlurred()}, METHODS.get("lq").eval_views, loader, maker, fabric)
     want_hq, want_lq = int((labels == 3).sum()) / n, int((labels == 5).sum()) / n
     assert want_hq != want_lq  # the two views give different numbers, so a swap shows
@@ -53,13 +54,13 @@ def _cells(grid: GridConfig, values: dict) -> list:
     """Fake finished cells: values[(column, row, seed)] = (acc_hq, acc_lq)."""
     out = []
     for (column, row, seed), (hq, lq) in values.items():
-        cfg = RunConfig(seed=seed)
+        cfg = run_config({"seed": seed})
         out.append((Cell("eval" if row == "hq" else "train", cfg, column, row), {"acc_hq": hq, "acc_lq": lq}))
     return out
 
 
 def test_table_mean_spread_and_gap_closed_equal_hand_computed_values():
-    grid = GridConfig(seeds=[0, 1, 2], rows=["hq", "lq", "cqd"], columns={"c": {"degradation": "blur"}})
+    grid = grid_config({"seeds": [0, 1, 2], "rows": ["hq", "lq", "cqd"], "columns": {"c": {"degradation": "blur"}}})
     up, b, c = [0.80, 0.84, 0.82], [0.60, 0.66, 0.61], [0.70, 0.71, 0.75]
     values = {}
     for s in range(3):
@@ -74,7 +75,8 @@ def test_table_mean_spread_and_gap_closed_equal_hand_computed_values():
 
     for label, v in (("A -> A upper bound", up), ("B -> B fine-tuning", b), ("CQD -> B cqd (proposed)", c)):
         m, sd = mean_std([100 * x for x in v])
-        assert math.isclose(table[label]["mean"], m, rel_tol=1e-12) and math.isclose(table[label]["std"], sd, rel_tol=1e-9)
+        assert (math.isclose(table[label]["mean"], m, rel_tol=1e-12)
+                and math.isclose(table[label]["std"], sd, rel_tol=1e-9))
         assert table[label]["n"] == 3
     assert math.isclose(table["A -> B no adaptation"]["mean"], 30.0) and table["A -> B no adaptation"]["std"] == 0
     gaps = [(c[s] - b[s]) / (up[s] - b[s]) for s in range(3)]  # per seed, then averaged
@@ -90,7 +92,7 @@ def test_table_mean_spread_and_gap_closed_equal_hand_computed_values():
 # --- lock files ----------------------------------------------------------------------------------
 
 def test_a_cells_lock_is_removed_after_the_cell(tmp_path, tiny_config):
-    cfg = RunConfig.model_validate(tiny_config(method__name="lq", train__epochs=1, train__max_steps_per_epoch=1))
+    cfg = run_config(tiny_config(method__name="lq", train__epochs=1, train__max_steps_per_epoch=1))
     assert run_cell("train", cfg) is not None
     assert not (Path(cfg.out_dir) / ".lock").exists()
     assert not list(Path(cfg.out_dir).glob(".lock*"))  # nor its temporary twin

@@ -20,9 +20,9 @@ import yaml
 
 from cqd import api
 from cqd.cli import main
-from cqd.config import load_run_config, run_config
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint, save_json
+from cqd.engine.schema import load_run_config, run_config
 from cqd.errors import CheckpointError, ConfigError, CQDError, DataError, TrainingDiverged, describe
+from cqd.files import load_checkpoint, save_checkpoint, save_json
 from cqd.methods.supervised import TrainOnB
 from cqd.models import create_model
 
@@ -89,8 +89,9 @@ def tensors(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("override, key, value", [
-    ("method.name=distill", "method.name", "Known: afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, lsfd, quality, quality_mix, sgn, "
-                                           "sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd."),
+    ("method.name=distill", "method.name", "Known: afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, lsfd, "
+                                           "quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, "
+                                           "symcqd."),
     ("model=resnet9", "model", "Did you mean 'resnet8'?"),
     ("teacher.model=vgg", "teacher.model", "vgg8"),
     ("model=hf:bert", "model", "'hf'"),
@@ -109,9 +110,11 @@ def test_unknown_names(override, key, value, capsys):
 @pytest.mark.parametrize("override, key, hint", [
     ("foo=1", "foo", "the top level takes: name, seed"),
     ("method.cqd.lamb=1", "method.cqd.lamb", "did you mean 'lam'? (method.cqd takes: T, lam, loss, scale)"),
-    ("method.fitnet.bta=1", "method.fitnet.bta", "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, hint, guided)"),
-    ("method.fitnet_beta=1", "method.fitnet_beta", "method takes: name, init, afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, "
-                                                   "lsfd, quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),
+    ("method.fitnet.bta=1", "method.fitnet.bta",
+     "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, hint, guided)"),
+    ("method.fitnet_beta=1", "method.fitnet_beta",
+     "method takes: name, init, afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, "
+     "lsfd, quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),
     ("train.epoch=3", "train.epoch", "did you mean 'epochs'?"),
     ("data={sise: 3}", "data.sise", "data takes: name, root, image_size"),
 ])
@@ -276,7 +279,8 @@ def test_dataloader_worker_error_is_unwrapped(tmp_path):
         next(iter(torch.utils.data.DataLoader(ds, num_workers=1)))
     assert "Traceback" in str(e.value)  # what torch gives
     text, code = describe(e.value)
-    assert code == 2 and "Traceback" not in text and text.startswith(f"cqd: error: Cannot read image {tmp_path / 'bad.jpg'}")
+    assert (code == 2 and "Traceback" not in text
+            and text.startswith(f"cqd: error: Cannot read image {tmp_path / 'bad.jpg'}"))
 
 
 # --- datasets: annotation files and images ---------------------------------------------------
@@ -295,10 +299,13 @@ def test_cub_zero_sized_box(cub_root, capsys):
 
 
 @pytest.mark.parametrize("damage, names", [
-    (lambda b: (b / "bounding_boxes.txt").write_text("1 10 6 20\n"), ["bounding_boxes.txt, line 1", "<width> <height>"]),
+    (lambda b: (b / "bounding_boxes.txt").write_text("1 10 6 20\n"),
+     ["bounding_boxes.txt, line 1", "<width> <height>"]),
     (lambda b: (b / "classes.txt").unlink(), ["missing classes.txt"]),
-    (lambda b: (b / "image_class_labels.txt").write_text("1 1\n"), ["image_class_labels.txt has no line for image id 2"]),
-    (lambda b: (b / "image_class_labels.txt").write_bytes(b"1 1\n2 \xff\xfe\n"), ["image_class_labels.txt", "not UTF-8"]),
+    (lambda b: (b / "image_class_labels.txt").write_text("1 1\n"),
+     ["image_class_labels.txt has no line for image id 2"]),
+    (lambda b: (b / "image_class_labels.txt").write_bytes(b"1 1\n2 \xff\xfe\n"),
+     ["image_class_labels.txt", "not UTF-8"]),
 ])
 def test_cub_broken_annotation_files(damage, names, cub_root, capsys):
     damage(cub_root / "CUB_200_2011")
@@ -436,7 +443,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_full_disk_seen_through_torch_save(tmp_path, monkeypatch):
     """torch.save turns the file's OSError into RuntimeError('unexpected pos'); it is still 'no space'."""
-    import cqd.engine.checkpoint as ckpt
+    import cqd.files as ckpt
 
     path = tmp_path / "model.pt"
     save_checkpoint({"w": torch.arange(5)}, path)
@@ -522,7 +529,8 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tiny_config,
 
 
 def test_real_divergence_from_a_huge_learning_rate(tiny_config):
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1 step \d+ \(non-finite term: loss_ce\)"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"loss became (nan|inf) at epoch 1 step \d+ \(non-finite term: loss_ce\)"):
         api.train(tiny_config(train__lr=1e30, train__epochs=1))
 
 

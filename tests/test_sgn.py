@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cqd.config import RunConfig, run_config
 from cqd.data.paired import Pair
 from cqd.engine import phases
 from cqd.engine.model_files import load_model
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import Run, train
 from cqd.errors import ConfigError
 from cqd.methods import METHODS, Step
@@ -99,7 +99,7 @@ def test_a_fresh_generator_ignores_c_and_a_trained_one_does_not(trained):
 
 def test_each_phase_steps_only_its_own_network():
     method, step = _tiny()
-    train_cfg = RunConfig().train
+    train_cfg = run_config({}).train
     built = phases.build(method.phases(), train_cfg, total_steps=4)
     assert list(built) == ["main", "disc"]
     g = dict(method.student.named_parameters())
@@ -158,16 +158,16 @@ def test_a_corner_student_is_training_on_that_loss_alone(tmp_path):
     (the gates at 10x the lr)."""
     cfg = run_config(_cfg(tmp_path, "corner", method={"name": "sgn", "sgn": {"fixed_c": [1, 0, 0]}},
                           train__schedule="constant", train__epochs=1))
-    run = Run(cfg, False, None)
-    assert list(run.opts) == ["main"] and run.teachers is None and run.method.disc is None
+    run = Run.start(cfg)
+    assert list(run.opts) == ["main"] and run.s.teachers is None and run.method.disc is None
     replica = copy.deepcopy(run.method.student)
     run.fit()
     gates = list(replica.gates.parameters())
     opt = torch.optim.Adam([{"params": list(replica.net.parameters())}, {"params": gates, "lr": 1e-2}], lr=1e-3,
                            betas=(0.5, 0.999))
-    run.sampler.set_epoch(0, 0)
-    for batch in run.loader:
-        pair = run.maker(batch, "cpu", 0)
+    run.s.sampler.set_epoch(0, 0)
+    for batch in run.s.loader:
+        pair = run.s.maker(batch, "cpu", 0)
         loss = F.l1_loss(replica(pair.z, torch.tensor([[1.0, 0, 0]]).expand(len(pair), 3)), pair.y)
         opt.zero_grad()
         loss.backward()
@@ -180,7 +180,7 @@ def test_eval_takes_c_and_refuses_a_bad_one(trained, capsys):
     from cqd.api import evaluate
     from cqd.cli import main
 
-    model, cfg = str(trained / "ref" / "model.pt"), RunConfig.model_validate(_cfg(trained, "ref"))
+    model, cfg = str(trained / "ref" / "model.pt"), run_config(_cfg(trained, "ref"))
     got = {tuple(c): evaluate(model, cfg, c=c)["psnr"] for c in ([1, 0, 0], [0, 1, 0], [0.2, 0.3, 0.5])}
     assert len(set(got.values())) == 3
     assert evaluate(model, cfg, c="0.2, 0.3, 0.5")["psnr"] == got[(0.2, 0.3, 0.5)]
@@ -197,7 +197,7 @@ def test_eval_takes_c_and_refuses_a_bad_one(trained, capsys):
 
 def test_the_table_shows_each_c_beside_the_single_loss_students_and_draws_the_figure(tmp_path):
     from cqd.api import table
-    from cqd.config import load_grid_config
+    from cqd.experiments.schema import load_grid_config
 
     base = _cfg(tmp_path, "base", train__epochs=1)
     grid = {"name": "sgn tiny", "out_dir": str(tmp_path / "grid"), "seeds": [0], "base": base,
@@ -211,4 +211,5 @@ def test_the_table_shows_each_c_beside_the_single_loss_students_and_draws_the_fi
     assert lines["| L1 + adv (0.5, 0.5, 0)"].count(" - ") == 2  # no single-loss student off the corners
     assert lines["| KD alone (0, 0, 1)"].count(" - ") == 2  # no KD-only row in this grid
     assert lines["| adv alone (0, 1, 0)"].count(" - ") == 0
-    assert (tmp_path / "grid" / "report" / "sgn.png").is_file() and (tmp_path / "grid" / "report" / "sgn.json").is_file()
+    assert ((tmp_path / "grid" / "report" / "sgn.png").is_file()
+            and (tmp_path / "grid" / "report" / "sgn.json").is_file())

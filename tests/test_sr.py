@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cqd.config import RunConfig, load_grid_config, run_config
-from cqd.data.sr import SRConfig, SRImages
-from cqd.engine import sr
 from cqd.engine.model_files import load_model
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError
+from cqd.experiments.schema import load_grid_config
 from cqd.methods import METHODS, Step
 from cqd.methods.lsfd import attention, local_distance
 from cqd.models import create_model
+from cqd.tasks.sr import pipeline as sr
+from cqd.tasks.sr.data import SRConfig, SRImages
 from helpers import interrupt_after_epoch, nested
 
 # PSNR-Y of PIL bicubic (kd-family-notes.md, LSFD section), x2 and x4
@@ -80,7 +81,8 @@ def test_lsfd_attention_is_larger_where_the_difference_is_larger():
 def test_local_distance_is_the_windowed_standardized_mse():
     """The pooled formula equals the direct one: standardize the window at p by its own stats, then the mean square."""
     g = torch.Generator().manual_seed(2)
-    fs, ft = torch.randn(1, 3, 7, 7, generator=g, dtype=torch.float64), torch.randn(1, 3, 7, 7, generator=g, dtype=torch.float64)
+    fs, ft = (torch.randn(1, 3, 7, 7, generator=g, dtype=torch.float64),
+              torch.randn(1, 3, 7, 7, generator=g, dtype=torch.float64))
     d = local_distance(fs, ft, 3, "local", eps=1e-4)
     ws, wt = fs[0, :, 2:5, 2:5], ft[0, :, 2:5, 2:5]  # the window at p = (3, 3)
     a = (ws - ws.mean()) / (ws.var(unbiased=False) + 1e-4).sqrt()
@@ -119,14 +121,16 @@ def test_the_feature_loss_sends_gradient_to_the_student(name):
 
 
 def test_patch_and_whole_image_paths_agree_in_shape_and_alignment():
-    cfg = run_config({"task": "sr", "model": "edsr:blocks=1,feats=4", "sr": {"scale": 3, "patch": 10, "patches_per_epoch": 8,
-                      "train": ["page", "text"], "test": ["coins"]}})
+    cfg = run_config({"task": "sr", "model": "edsr:blocks=1,feats=4",
+                      "sr": {"scale": 3, "patch": 10, "patches_per_epoch": 8,
+                             "train": ["page", "text"], "test": ["coins"]}})
     train_set, test_set = SRImages(cfg.sr, "train"), SRImages(cfg.sr, "test")
     # coded images: LR pixel (i, j) = HR pixel (3i, 3j), so an aligned pair has z == x[..., ::3, ::3]
     for k, hr in enumerate(train_set.hr):
         train_set.lr[k] = hr[:, ::3, ::3].clone()
     batch = {"index": torch.arange(8)}
-    plain = sr.PatchMaker(cfg.model_copy(update={"sr": cfg.sr.model_copy(update={"augment": False})}), train_set)(batch, "cpu")
+    plain = sr.PatchMaker(cfg.model_copy(update={"sr": cfg.sr.model_copy(update={"augment": False})}),
+                          train_set)(batch, "cpu")
     assert plain.z.shape == (8, 3, 10, 10) and plain.x.shape == (8, 3, 30, 30) and plain.y is plain.x
     assert torch.equal(plain.z, plain.x[..., ::3, ::3])
     aug = sr.PatchMaker(cfg, train_set)(batch, "cpu")
@@ -199,22 +203,23 @@ def test_sr_grid_evaluates_the_shared_teacher_and_writes_the_table(tmp_path):
     md = out["markdown"]
     assert "| bicubic |" in md and "| teacher (L1) |" in md and "| output KD |" in md and "published: other data" in md
     teachers = list((tmp_path / "grid" / "teachers").iterdir())
-    assert len(teachers) == 1 and [p.name for p in teachers[0].iterdir() if p.is_dir()] == ["s0"]  # one f for both seeds
+    # one f for both seeds
+    assert len(teachers) == 1 and [p.name for p in teachers[0].iterdir() if p.is_dir()] == ["s0"]
     cell = json.loads((tmp_path / "grid" / "cells" / "x2" / "teacher" / "s1" / "result.json").read_text())
     f = json.loads((teachers[0] / "s0" / "result.json").read_text())
     assert cell["psnr"] == pytest.approx(f["psnr"])  # the teacher row evaluates the shared f
     assert (tmp_path / "grid" / "report" / "crops.png").is_file()
-    from cqd.engine.grid import collect
-    from cqd.reports.sr_table import crops_figure
+    from cqd.experiments.grid import collect
+    from cqd.tasks.sr.report import crops_figure
 
     g = load_grid_config(grid)
     (column, titles), = crops_figure(collect(g), g, tmp_path / "crops.png")
     assert column == "x2" and [t.split("\n")[0] for t in titles] == ["bicubic", "student alone", "distilled (sr_okd)",
                                                                       "teacher", "HR (page)"]
-    ev = evaluate(str(teachers[0] / "s0" / "model.pt"), RunConfig.model_validate(base))
+    ev = evaluate(str(teachers[0] / "s0" / "model.pt"), run_config(base))
     assert ev["psnr"] == pytest.approx(f["psnr"]) and ev["scale"] == 2
     # `cqd eval` measures in float32 whatever the training precision (Fabric's bf16 autocast would shift PSNR)
-    bf16 = evaluate(str(teachers[0] / "s0" / "model.pt"), RunConfig.model_validate(nested(base, train__precision="bf16-mixed")))
+    bf16 = evaluate(str(teachers[0] / "s0" / "model.pt"), run_config(nested(base, train__precision="bf16-mixed")))
     assert bf16["psnr"] == ev["psnr"]
 
 
@@ -243,7 +248,7 @@ def test_folder_source_reads_every_image_under_root_and_names_a_missing_folder(t
 def test_one_teacher_serves_every_test_set_column():
     from pathlib import Path
 
-    from cqd.engine.grid import plan
+    from cqd.experiments.grid import plan
 
     grid = load_grid_config("configs/sr_div2k.yaml", ["base.data.root=/nowhere"])
     teachers = [c for c in plan(grid, Path("/tmp/unused")) if c.column is None]

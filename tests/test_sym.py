@@ -8,21 +8,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import interrupt_at_step, tiny_cfg
 from scipy import stats
 
 from cqd.analysis.symtable import load_sym_config, mixes_of, route
-from cqd.config import run_config
 from cqd.data.blend import BlendMaker
 from cqd.data.paired import PairMaker
-from cqd.engine.checkpoint import load_checkpoint
 from cqd.engine.model_files import load_model
+from cqd.engine.schema import run_config
 from cqd.engine.trainer import train
 from cqd.errors import ConfigError, CQDError
+from cqd.files import load_checkpoint
 from cqd.methods.symcqd import conditioned_logits, soft_target_kl
 from cqd.models import create_model
 from cqd.models.sym import SymNet, _GateHook, stage_outputs, sym_net
 from cqd.sym import dirichlet_moments, draw_c, mix_losses
+from helpers import interrupt_at_step, tiny_cfg
 
 MIX = ["lowres:size=4", "blur:sigma=1", "noise:std=0.2", "jpeg:quality=10"]
 N, S = 24, 16
@@ -147,7 +147,8 @@ def test_a_trained_students_output_depends_on_c_and_model_pt_rebuilds_it(tmp_pat
                    train__max_steps_per_epoch=3, teacher__checkpoint=str(root / "f" / "model.pt"))
     train(cfg)
     model, ck = load_model(root / "sym" / "model.pt", 10, 1)
-    assert isinstance(model, SymNet) and ck["sym"]["k"] == 3 and set(ck["sym"]["gates"]) == {"features.3", "features.4", "features"}
+    assert (isinstance(model, SymNet) and ck["sym"]["k"] == 3
+            and set(ck["sym"]["gates"]) == {"features.3", "features.4", "features"})
     model.eval()
     x = torch.rand(8, 1, 16, 16)
     with torch.no_grad():
@@ -179,7 +180,8 @@ def test_symcqd_resume_is_bit_exact(tmp_path, monkeypatch):
     got, want = (load_checkpoint(root / n / "last.ckpt")["method"] for n in ("cut", "ref"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert [r["loss_kd"] for r in res["history"]] == [r["loss_kd"] for r in ref["history"]]
-    assert any(k.startswith("student.gates.1.") for k in got) and any(k.startswith("student.net.features.4.") for k in got)
+    assert (any(k.startswith("student.gates.1.") for k in got)
+            and any(k.startswith("student.net.features.4.") for k in got))
 
 
 def test_mix_configs_say_what_is_wrong(tmp_path):
@@ -234,7 +236,8 @@ def test_cqd_sym_writes_the_table_and_the_oracle_at_a_corner_is_that_specialist_
     base = tiny_cfg(tmp_path, "x", data__mix={"degradations": MIX[:2]})
     del base["name"], base["out_dir"]
     path = tmp_path / "sym.yaml"
-    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sym"), "seeds": [0], "base": base, "eval": {"random": 5}}))
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sym"), "seeds": [0], "base": base,
+                                    "eval": {"random": 5}}))
     assert main(["sym", "--config", str(path)]) == 0
     report = json.loads((tmp_path / "sym" / "report" / "sym.json").read_text())
     seed = report["per_seed"]["0"]

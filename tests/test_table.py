@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from cqd.cli import main
-from cqd.config import load_grid_config
-from cqd.engine.grid import plan, run_cell
+from cqd.experiments.grid import plan, run_cell
+from cqd.experiments.schema import load_grid_config
 
 
 def _grid(tmp_path, tiny_config) -> str:
@@ -51,7 +51,8 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
     runs = json.loads((report / "runs.json").read_text())
     assert {r["method"] for r in runs} == {"hq", "lq", "augment", "staged", "cqd"}
     assert all(json.loads(r["config"])["seed"] == 0 for r in runs)
-    assert {r["precision"] for r in runs} == {"32-true"} and all(r["wall_s"] > 0 and r["images_per_s"] > 0 for r in runs)
+    assert ({r["precision"] for r in runs} == {"32-true"}
+            and all(r["wall_s"] > 0 and r["images_per_s"] > 0 for r in runs))
     assert "[11/11" in out
 
     before = _mtimes(tmp_path / "grid")
@@ -70,7 +71,7 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
 
 
 def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
-    from cqd.engine.grid import claim
+    from cqd.experiments.grid import claim
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
     first = plan(grid, Path(grid.out_dir))[0]
@@ -113,7 +114,8 @@ def test_two_processes_share_one_grid(tmp_path, tiny_config):
 
 def test_a_lock_from_another_host_is_named_while_waiting_and_the_grid_goes_on_once_it_is_gone(tmp_path, tiny_config):
     import threading
-    from cqd.engine.grid import run_grid
+
+    from cqd.experiments.grid import run_grid
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
     cfg = plan(grid, Path(grid.out_dir))[-1].cfg
@@ -165,7 +167,8 @@ def test_rows_are_named_variants_two_of_one_method_train_apart_and_both_are_in_t
     base.pop("out_dir")
     base["train"].update(epochs=1, max_steps_per_epoch=2)
     grid = {"name": "variants", "out_dir": str(tmp_path / "grid"), "seeds": [0],
-            "rows": ["lq", {"id": "cqd_l1", "label": "CQD, lambda 1", "set": {"method.name": "cqd", "method.cqd.lam": 1}},
+            "rows": ["lq",
+                     {"id": "cqd_l1", "label": "CQD, lambda 1", "set": {"method.name": "cqd", "method.cqd.lam": 1}},
                      {"id": "cqd_l50", "set": {"method.name": "cqd", "method.cqd.lam": 50}},
                      {"id": "lq_init_f", "label": "B from f", "set": {"method.name": "lq", "method.init": "teacher"}}],
             "columns": {"lowres": {"degradation": "lowres:size=8"}}, "base": base}
@@ -180,7 +183,8 @@ def test_rows_are_named_variants_two_of_one_method_train_apart_and_both_are_in_t
     md = api.table(str(path))["markdown"]
     lines = [ln.split(" |")[0].lstrip("| ") for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert lines == ["B -> B fine-tuning", "CQD, lambda 1", "CQD -> B cqd (proposed)", "B from f"]
-    lams = {json.loads((Path(c.cfg.out_dir) / "result.json").read_text())["config"]["method"]["cqd"]["lam"] for c in cells[2:4]}
+    lams = {json.loads((Path(c.cfg.out_dir) / "result.json").read_text())["config"]["method"]["cqd"]["lam"]
+            for c in cells[2:4]}
     assert lams == {1, 50}
     assert len(list((tmp_path / "grid" / "teachers").rglob("model.pt"))) == 1  # f trained once
 
@@ -188,11 +192,12 @@ def test_rows_are_named_variants_two_of_one_method_train_apart_and_both_are_in_t
 def test_a_row_that_changes_the_teacher_gets_its_own_shared_teacher(tmp_path, tiny_config):
     base = tiny_config()
     base.pop("out_dir")
-    grid = load_grid_config_dict(tmp_path, {"name": "t", "out_dir": str(tmp_path / "grid"), "seeds": [0, 1],
-                                            "rows": ["cqd", {"id": "cqd_big_f", "set": {"method.name": "cqd", "teacher.model": "resnet14"}},
-                                                     {"id": "cqd_lr", "set": {"method.name": "cqd", "train.lr": 0.01}}],
-                                            "columns": {"a": {"degradation": "lowres:size=8"}, "b": {"degradation": "blur"}},
-                                            "base": base})
+    grid = load_grid_config_dict(tmp_path, {
+        "name": "t", "out_dir": str(tmp_path / "grid"), "seeds": [0, 1],
+        "rows": ["cqd", {"id": "cqd_big_f", "set": {"method.name": "cqd", "teacher.model": "resnet14"}},
+                 {"id": "cqd_lr", "set": {"method.name": "cqd", "train.lr": 0.01}}],
+        "columns": {"a": {"degradation": "lowres:size=8"}, "b": {"degradation": "blur"}},
+        "base": base})
     cells = plan(grid, Path(grid.out_dir))
     teachers = [c.cfg for c in cells if c.column is None]
     folders = sorted(str(Path(t.out_dir).relative_to(tmp_path / "grid")) for t in teachers)
@@ -201,7 +206,8 @@ def test_a_row_that_changes_the_teacher_gets_its_own_shared_teacher(tmp_path, ti
     assert len(other) == 2 and len({f.rsplit("/", 1)[0] for f in other}) == 1
     assert {t.model for t in teachers} == {"resnet8", "resnet14"}
     lr_row = [c for c in cells if c.row == "cqd_lr"]
-    assert all(c.cfg.teacher.checkpoint.endswith(f"teachers/full-none/s{c.cfg.seed}/model.pt") for c in lr_row)  # a student-lr row shares f
+    # a student-lr row shares f
+    assert all(c.cfg.teacher.checkpoint.endswith(f"teachers/full-none/s{c.cfg.seed}/model.pt") for c in lr_row)
 
 
 def load_grid_config_dict(tmp_path, grid: dict):
@@ -218,8 +224,10 @@ def test_a_bad_row_is_named_when_the_grid_is_loaded(tmp_path, tiny_config):
     base = tiny_config()
     with pytest.raises(ConfigError) as e:
         load_grid_config_dict(tmp_path, {"columns": {"a": {"degradation": "blur"}}, "base": base,
-                                         "rows": ["lq", {"id": "x", "set": {"method.name": "cqd", "method.cqd.lamb": 3}}]})
-    assert "row 'x' in column 'a'" in str(e.value) and "method.cqd.lamb: unknown key; did you mean 'lam'?" in str(e.value)
+                                         "rows": ["lq",
+                                                  {"id": "x", "set": {"method.name": "cqd", "method.cqd.lamb": 3}}]})
+    assert ("row 'x' in column 'a'" in str(e.value)
+            and "method.cqd.lamb: unknown key; did you mean 'lam'?" in str(e.value))
 
 
 def test_a_row_of_method_hq_that_sets_only_the_teacher_evaluates_that_shared_teacher(tmp_path):
@@ -242,7 +250,8 @@ def test_a_row_of_method_hq_that_sets_only_the_teacher_evaluates_that_shared_tea
     teachers = [c for c in cells if c.kind == "train" and c.row is None]
     assert sorted(t.cfg.model for t in teachers) == ["resnet14", "resnet8"]  # each trained once, shared
     r14 = next(t for t in teachers if t.cfg.model == "resnet14")
-    assert by_row["r14"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[0].checkpoint == str(Path(r14.cfg.out_dir) / "model.pt")
+    assert (by_row["r14"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[0].checkpoint
+            == str(Path(r14.cfg.out_dir) / "model.pt"))
     assert by_row["hq"].cfg.teacher.checkpoint == by_row["ens"].cfg.teachers[1].checkpoint
 
 
@@ -252,8 +261,8 @@ def test_runs_csv_names_the_view_a_shared_teacher_was_measured_on(tmp_path, tiny
     import csv
 
     from cqd import api
-    from cqd.engine.grid import shared_teacher
-    from cqd.config import RowConfig
+    from cqd.experiments.grid import shared_teacher
+    from cqd.experiments.schema import RowConfig
 
     g = load_grid_config(_grid(tmp_path, tiny_config))
     g.rows = [RowConfig(id="hq", set={"method.name": "hq"})]  # only the teacher row: A -> A, A -> B

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cqd.degradations import parse_degradation
 from cqd.engine import teachers as teachers_mod
-from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.loaders import build_datasets
+from cqd.engine.schema import run_config
 from cqd.engine.teachers import Teachers
 from cqd.engine.trainer import train
-from cqd.config import run_config
-from cqd.degradations import parse_degradation
+from cqd.files import load_checkpoint
 from cqd.models import create_model
+from cqd.tasks.classification.data import build_datasets
 from helpers import tiny_cfg
 
 
@@ -79,7 +79,8 @@ def by_hand(teacher: str, cfg: dict, index: torch.Tensor, bf16: bool = False, vi
     x = torch.stack([torch.as_tensor(it[view]) for it in items]).float() / 255
     x = parse_degradation(rc.data.hq_degradation)(x, index, rc.data.seed, None)[0]
     # Fashion-MNIST's own statistics; ImageNet's for photo datasets (CUB)
-    mean, std = ((0.286,), (0.353,)) if rc.data.name == "fashion_mnist" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (((0.286,), (0.353,)) if rc.data.name == "fashion_mnist"
+                 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return f((x - mean) / std).float()
@@ -138,8 +139,8 @@ def cub_teacher(tmp_path_factory) -> tuple[str, Path]:
 
     root = tmp_path_factory.mktemp("cub")
     make_cub(root / "cub")
-    cfg = tiny_cfg(root, "f", method__name="hq", data__name="cub", data__root=str(root / "cub"), data__train_subset=None,
-                   data__test_subset=None, train__batch_size=2, train__max_steps_per_epoch=3)
+    cfg = tiny_cfg(root, "f", method__name="hq", data__name="cub", data__root=str(root / "cub"),
+                   data__train_subset=None, data__test_subset=None, train__batch_size=2, train__max_steps_per_epoch=3)
     train(cfg)
     return str(root / "f" / "model.pt"), root / "cub"
 

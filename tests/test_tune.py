@@ -9,15 +9,16 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import tiny_cfg
 from optuna.trial import TrialState
 
 from cqd.api import train, tune
-from cqd.config import load_run_config, load_tune_config, run_config
-from cqd.engine.loaders import build_datasets
+from cqd.engine.schema import load_run_config, run_config
 from cqd.engine.trainer import Run
-from cqd.engine.tune import storage
 from cqd.errors import ConfigError
+from cqd.experiments.schema import load_tune_config
+from cqd.experiments.tune import storage
+from cqd.tasks.classification.data import build_datasets
+from helpers import tiny_cfg
 
 LAM = {"low": 1, "high": 300, "log": True}
 LR = {"low": 0.01, "high": 0.1, "log": True}
@@ -26,8 +27,8 @@ LR = {"low": 0.01, "high": 0.1, "log": True}
 def tune_cfg(root: Path, **over) -> dict:
     """A study of tiny CQD runs (16 of the 64 training items held out) searching lambda and lr."""
     base = tiny_cfg(root, "base", data__val_fraction=0.25)
-    return {"name": "study", "out_dir": str(root / "tune"), "base": base, "search": {"method.cqd.lam": LAM, "train.lr": LR},
-            "n_trials": 3, **over}
+    return {"name": "study", "out_dir": str(root / "tune"), "base": base,
+            "search": {"method.cqd.lam": LAM, "train.lr": LR}, "n_trials": 3, **over}
 
 
 def trials(tc: dict) -> list:
@@ -40,16 +41,16 @@ def indices(loader) -> list[int]:
 
 def test_validation_items_are_held_out_of_training_and_fixed_by_the_data_seed(tmp_path):
     cfg = tiny_cfg(tmp_path, "run", method__name="lq", data__val_fraction=0.25)
-    run = Run(run_config(cfg), resume=False, fabric=None)
-    trained, held = indices(run.loader), indices(run.val_loader)
+    run = Run.start(run_config(cfg))
+    trained, held = indices(run.s.loader), indices(run.s.val_loader)
     all_items, test_items, _, _ = build_datasets(run_config(tiny_cfg(tmp_path, "all", method__name="lq")))  # no split
     assert len(held) == 16 and set(trained) | set(held) == set(all_items.indices) and not set(trained) & set(held)
-    assert indices(run.test_loader) == test_items.indices  # the test set is untouched
+    assert indices(run.s.test_loader) == test_items.indices  # the test set is untouched
 
-    again = Run(run_config(tiny_cfg(tmp_path, "again", seed=1, method__name="lq", data__val_fraction=0.25)), False, None)
-    assert indices(again.val_loader) == held  # another run (and run seed): the same validation items
-    other = Run(run_config(tiny_cfg(tmp_path, "other", method__name="lq", data__val_fraction=0.25, data__seed=1)), False, None)
-    assert set(indices(other.val_loader)) != set(held)
+    again = Run.start(run_config(tiny_cfg(tmp_path, "again", seed=1, method__name="lq", data__val_fraction=0.25)))
+    assert indices(again.s.val_loader) == held  # another run (and run seed): the same validation items
+    other = Run.start(run_config(tiny_cfg(tmp_path, "other", method__name="lq", data__val_fraction=0.25, data__seed=1)))
+    assert set(indices(other.s.val_loader)) != set(held)
 
 
 def test_runs_report_validation_top1_on_x_and_z_to_the_epoch_callback_and_result(tmp_path):
@@ -70,8 +71,12 @@ def test_a_study_completes_continues_on_a_second_call_and_its_best_yaml_trains(t
     second = tune(tc, "n_trials=4")  # the same study, continued to 4 trials
     assert second["trials"] == {"complete": 4} and [t.number for t in trials(tc)] == [0, 1, 2, 3]
     assert tune(tc, "n_trials=4")["trials"] == {"complete": 4}  # a finished study: no trial more, the report again
-    assert tune(tc, "base.train.lr=0.5", "base.train.progress=true")["trials"] == {"complete": 4}  # searched, or no effect
-    assert tune(tc, "base.sr.patch=32")["trials"] == {"complete": 4}  # another task's section: no effect on a trial
+    # searched, or no effect
+    assert tune(tc, "base.train.lr=0.5", "base.train.progress=true")["trials"] == {"complete": 4}
+    # a study recorded by a version whose classification runs held an sr section continues: another task's section
+    study = optuna.load_study(study_name=tc["name"], storage=storage(load_tune_config(tc)))
+    study.set_user_attr("settings", {**study.user_attrs["settings"], "sr.patch": 48})
+    assert tune(tc)["trials"] == {"complete": 4}
     with pytest.raises(ConfigError, match=r"was started with base.train.epochs=1 \(now 2\)"):
         tune(tc, "n_trials=5", "base.train.epochs=2")  # trials of other settings would mix into the study's
     assert len(trials(tc)) == 4
@@ -103,7 +108,8 @@ def test_a_trial_the_pruner_stops_ends_early_and_is_recorded_as_pruned(tmp_path,
     assert tune(tc)["trials"] == {"pruned": 1}
     (t,) = trials(tc)
     assert t.state == TrialState.PRUNED and list(t.intermediate_values) == [1]
-    assert len(yaml.safe_load((Path(t.user_attrs["out_dir"]) / "result.json").read_text())["history"]) == 1  # 1 of 3 epochs
+    # 1 of 3 epochs
+    assert len(yaml.safe_load((Path(t.user_attrs["out_dir"]) / "result.json").read_text())["history"]) == 1
     assert not (Path(tc["out_dir"]) / "best.yaml").exists()
 
 
@@ -127,20 +133,24 @@ def test_two_processes_on_one_sqlite_study_both_add_trials(tmp_path):
     ("method.cqd.lam", {"low": 0, "high": 300, "log": True}, r"search.method.cqd.lam: a log range must lie above 0"),
     ("train.lr", {"low": -0.1, "high": 0.1, "log": True}, r"search.train.lr: a log range must lie above 0"),
     ("method.cqd.lamda", LAM, r"search key 'method.cqd.lamda' .* unknown key; did you mean 'lam'"),
-    ("train.lr", {"low": 0, "high": 0.1}, r"search key 'train.lr' with value 0.0 does not make a valid run: train.lr: Input should be greater than 0"),
-    ("method.fitnet.beta", LAM, r"search key 'method.fitnet.beta' is a setting of method 'fitnet', but base.method.name is 'cqd'"),
+    ("train.lr", {"low": 0, "high": 0.1},
+     r"search key 'train.lr' with value 0.0 does not make a valid run: train.lr: Input should be greater than 0"),
+    ("method.fitnet.beta", LAM,
+     r"search key 'method.fitnet.beta' is a setting of method 'fitnet', but base.method.name is 'cqd'"),
 ])
 def test_bad_search_spaces_are_errors_that_name_the_key(tmp_path, key, rng, message):
     with pytest.raises(ConfigError, match=message):
         load_tune_config(tune_cfg(tmp_path, search={key: rng}))
 
 
-def test_startup_trials_set_tpes_random_phase_and_a_study_inside_it_says_it_is_random_search(tmp_path, monkeypatch, capsys):
+def test_startup_trials_set_tpes_random_phase_and_a_study_inside_it_says_it_is_random_search(tmp_path, monkeypatch,
+                                                                                             capsys):
     made = []
     real = optuna.samplers.TPESampler
     monkeypatch.setattr(optuna.samplers, "TPESampler", lambda **kw: made.append(kw) or real(**kw))
     tune(tune_cfg(tmp_path / "a"), "n_trials=1")
-    assert made[-1]["n_startup_trials"] == 10 and "TPE draws every trial of this study at random" in capsys.readouterr().out
+    assert (made[-1]["n_startup_trials"] == 10
+            and "TPE draws every trial of this study at random" in capsys.readouterr().out)
     tune(tune_cfg(tmp_path / "b"), "n_trials=2", "startup_trials=1")
     assert made[-1]["n_startup_trials"] == 1 and "at random" not in capsys.readouterr().out
 
@@ -182,16 +192,19 @@ def test_a_grid_tunes_each_row_in_each_column_and_its_cells_train_with_the_best_
     from cqd.api import table
 
     grid = tuned_grid(tmp_path)
-    with pytest.raises(ConfigError, match=r"row 'lq_tuned' in column 'lowres' uses tuned settings from .*grid/tune/lowres/"
-                                          r"lq_tuned/best.yaml, which does not exist: run `cqd tune` on this grid config"):
+    with pytest.raises(ConfigError, match=r"row 'lq_tuned' in column 'lowres' uses tuned settings from "
+                                          r".*grid/tune/lowres/lq_tuned/best.yaml, which does not exist: "
+                                          r"run `cqd tune` on this grid config"):
         table(grid)
     reports = tune(grid)
-    assert {c: sorted(r) for c, r in reports.items()} == {"lowres": ["cqd_tuned", "lq_tuned"], "blur": ["cqd_tuned", "lq_tuned"]}
+    assert {c: sorted(r) for c, r in reports.items()} == {"lowres": ["cqd_tuned", "lq_tuned"],
+                                                          "blur": ["cqd_tuned", "lq_tuned"]}
     out = tmp_path / "grid"
     teachers = [p.parent for p in (out / "teachers").rglob("model.pt")]
     assert len(teachers) == 1  # the grid's own seed-0 teacher (f sees x, the same in both columns), trained once
     for column in ("lowres", "blur"):
-        study = optuna.load_study(study_name=f"tuned/{column}/cqd_tuned", storage=f"sqlite:///{out / 'tune' / column / 'cqd_tuned' / 'study.db'}")
+        study = optuna.load_study(study_name=f"tuned/{column}/cqd_tuned",
+                                  storage=f"sqlite:///{out / 'tune' / column / 'cqd_tuned' / 'study.db'}")
         assert len(study.trials) == 2
         for t in study.trials:  # each trial trained the column's cell against that teacher
             cfg = yaml.safe_load((Path(t.user_attrs["out_dir"]) / "result.json").read_text())["config"]
@@ -202,12 +215,14 @@ def test_a_grid_tunes_each_row_in_each_column_and_its_cells_train_with_the_best_
     for column in ("lowres", "blur"):
         lr = yaml.safe_load((out / "tune" / column / "lq_tuned" / "best.yaml").read_text())["train"]["lr"]
         lam = yaml.safe_load((out / "tune" / column / "cqd_tuned" / "best.yaml").read_text())["method"]["cqd"]["lam"]
-        got = lambda row: yaml.safe_load((out / "cells" / column / row / "s0" / "result.json").read_text())["config"]
+        def got(row):
+            return yaml.safe_load((out / "cells" / column / row / "s0" / "result.json").read_text())["config"]
         assert got("lq_tuned")["train"]["lr"] == lr and got("lq")["train"]["lr"] == 0.05
         assert got("cqd_tuned")["method"]["cqd"]["lam"] == lam and got("cqd_tuned")["train"]["lr"] == 0.05
         assert f"lr={lr:.3g}" in res["markdown"] and f"lam={lam:.3g}" in res["markdown"]
     labels = [line.split(" | ")[0] for line in res["markdown"].splitlines() if line.startswith("| ")]
-    assert sum(label.endswith("(tuned)") for label in labels) == 2 and any("fine-tuning" in lab and "tuned)" not in lab for lab in labels)
+    assert (sum(label.endswith("(tuned)") for label in labels) == 2
+            and any("fine-tuning" in lab and "tuned)" not in lab for lab in labels))
 
 
 def test_tuned_rows_need_a_validation_split_and_a_valid_search_space(tmp_path):
@@ -217,8 +232,8 @@ def test_tuned_rows_need_a_validation_split_and_a_valid_search_space(tmp_path):
         tune(grid)
     grid = tuned_grid(tmp_path)
     grid["rows"][1]["tune"] = {"method.cqd.lam": LAM}
-    with pytest.raises(ConfigError, match=r"row 'lq_tuned': tune key 'method.cqd.lam' is a setting of method 'cqd', but "
-                                          r"base.method.name is 'lq'"):
+    with pytest.raises(ConfigError, match=r"row 'lq_tuned': tune key 'method.cqd.lam' "
+                                          r"is a setting of method 'cqd', but base.method.name is 'lq'"):
         tune(grid)
     with pytest.raises(ConfigError, match="this grid has no row to tune"):
         tune(tuned_grid(tmp_path, rows=["lq"]))

@@ -24,13 +24,13 @@ import torch
 from PIL import Image
 
 from cqd.cli import main
-from cqd.config import run_config
 from cqd.engine import precision, trainer
-from cqd.engine.checkpoint import load_checkpoint
-from cqd.engine.loaders import build_datasets
+from cqd.engine.schema import run_config
 from cqd.engine.teachers import Teachers
 from cqd.engine.trainer import Run, train
+from cqd.files import load_checkpoint
 from cqd.models import create_model
+from cqd.tasks.classification.data import build_datasets
 from helpers import interrupt_after_epoch, nested, tiny_cfg
 
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
@@ -383,7 +383,8 @@ def test_crop_and_full_views_end_to_end(cub, tmp_path, monkeypatch, capsys):
     g.eval()
     crop, full, _, y = views(base_test, range(len(base_test)))
     with torch.no_grad():
-        want = {"acc_hq": int((g(crop).argmax(1) == y).sum()) / len(y), "acc_lq": int((g(full).argmax(1) == y).sum()) / len(y)}
+        want = {"acc_hq": int((g(crop).argmax(1) == y).sum()) / len(y),
+                "acc_lq": int((g(full).argmax(1) == y).sum()) / len(y)}
     res = json.loads((out / "result.json").read_text())
     assert {k: res[k] for k in want} == want
 
@@ -423,7 +424,8 @@ def test_demo_on_a_tiny_grid_writes_the_report_and_a_second_run_trains_nothing(t
     md = (report / "table.md").read_text()
     runs = json.loads((report / "runs.json").read_text())
     assert sorted((r["name"], r["kind"]) for r in runs) == [
-        ("lowres/cqd/s0", "train"), ("lowres/hq/s0", "eval"), ("lowres/lq/s0", "train"), ("teacher/full-none/s0", "train")]
+        ("lowres/cqd/s0", "train"), ("lowres/hq/s0", "eval"), ("lowres/lq/s0", "train"),
+        ("teacher/full-none/s0", "train")]
     for row in ("A -> A upper bound", "A -> B no adaptation", "B -> B fine-tuning", "CQD -> B cqd (proposed)"):
         assert f"| {row} |" in md, md
     # each run in the report carries its cell's result.json numbers

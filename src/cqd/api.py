@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqd.config import (GridConfig, RunConfig, TuneConfig, apply_overrides, load_grid_config, load_run_config, load_tune_config,
-                        run_config)
+from cqd.config import apply_overrides
+from cqd.engine.schema import RunConfig, load_run_config, run_config
+from cqd.experiments.schema import GridConfig, TuneConfig, load_grid_config, load_tune_config
 
 
 def load_config(path: str | Path | None = None, *overrides: str) -> RunConfig:
@@ -23,12 +24,13 @@ def _cfg(config, overrides) -> RunConfig:
 
 def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, resume: bool = False) -> dict:
     """Train one method; returns the result (accuracies on high/low quality test views, history)."""
-    from cqd.engine.trainer import train as _train
+    from cqd.experiments.rounds import train as _train
 
     return _train(_cfg(config, overrides), resume=resume)
 
 
-def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str, c=None) -> dict:
+def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str,
+             c=None) -> dict:
     """Top-1 of a saved model (`model.pt`) on the configured test set's high- and low-quality views (task sr:
     PSNR/SSIM). `c`: the loss mix of an `sgn` SR student, K weights >= 0 summing to 1 (e.g. [0.2, 0.3, 0.5])."""
     from cqd.engine.evaluate import evaluate_saved
@@ -55,22 +57,22 @@ def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: s
 def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
     """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
 
-    `config` is a grid YAML file, a dict (as a grid YAML would hold) or a loaded GridConfig, with `overrides`. `on_cell(name, result)` is
+    `config` is a grid YAML file, a dict (as a grid YAML would hold) or a loaded GridConfig, with `overrides`.
+    `on_cell(name, result)` is
     called as each cell finishes (the CLI prints progress with it).
     """
-    from cqd.engine.grid import collect, run_grid
-    from cqd.reports import sr_table, table as classification_table
+    from cqd.experiments.grid import collect, run_grid
+    from cqd.reports import write_report
 
     if isinstance(config, GridConfig):
         config = config if not overrides else config.model_dump()
     grid = config if isinstance(config, GridConfig) else load_grid_config(config, list(overrides))
     run_grid(grid, force=force, on_cell=on_cell)
     report_dir = Path(grid.out_dir) / "report"
-    write_report = (sr_table if grid.base.task == "sr" else classification_table).write_report  # the task's table
-    md, summary = write_report(collect(grid), grid, report_dir)
+    md, summary = write_report(collect(grid), grid, report_dir)  # the task's table
     if grid.deploy is not None:  # sizes, latencies and distillation gains, measured in this one process
-        from cqd.compress.report import deploy_report
-        from cqd.engine.checkpoint import save_text
+        from cqd.files import save_text
+        from cqd.reports.deploy import deploy_report
 
         deploy = deploy_report(collect(grid), grid, report_dir)
         if deploy:
@@ -88,8 +90,8 @@ def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -
     row and column; that returns {column: {row id: report}}.
     """
     from cqd.config import load_yaml
-    from cqd.engine.tune import tune as _tune
-    from cqd.engine.tune import tune_grid
+    from cqd.experiments.tune import tune as _tune
+    from cqd.experiments.tune import tune_grid
 
     if isinstance(config, (TuneConfig, GridConfig)):
         config = config if not overrides else config.model_dump()
@@ -105,7 +107,8 @@ def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -
 
 def sym(config: str | Path | dict, *overrides: str, force: bool = False) -> dict:
     """The sym-parameter table (`cqd sym`): one student conditioned on the quality mix c against K specialists;
-    trains what is missing, scores it and writes `<out_dir>/report/sym.md`; returns {"markdown", "summary", "report_dir"}."""
+    trains what is missing, scores it and writes `<out_dir>/report/sym.md`; returns {"markdown", "summary",
+    "report_dir"}."""
     from cqd.analysis.symtable import load_sym_config, sym_table
 
     return sym_table(load_sym_config(config, list(overrides)), force=force)

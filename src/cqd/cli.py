@@ -12,15 +12,47 @@ import re
 import sys
 from pathlib import Path
 
-
 DEMO_SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
               "clutter:min_scale=0.5,max_scale=0.8+lowres:size=12"]  # the columns of configs/quick.yaml
 
 
+# What `cqd COMMAND --help` shows under "examples" (tests/test_cli_help.py runs each of them, made tiny)
+EXAMPLES = {
+    "train": ["cqd train --config lowres method.name=cqd method.cqd.lam=50",
+              "cqd train --config lowres method.name=fitnet train.epochs=2"],
+    "eval": ["cqd eval --model runs/lowres/model.pt --config lowres data.degradation=lowres:size=4"],
+    "export": ["cqd export --model runs/lowres/model.pt --format onnx"],
+    "table": ["cqd table --config quick seeds=[0]"],
+    "tune": ["cqd tune --config tune_lowres n_trials=2"],
+    "show-degradations": ["cqd show-degradations --out runs/degradations.png -n 4"],
+}
+
+
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", required=config_required, help="YAML config file, or a shipped preset by name (configs/NAME.yaml or NAME)")
+    p.add_argument("--config", required=config_required,
+                   help="YAML config file, or a shipped preset by name (configs/NAME.yaml or NAME)")
     p.add_argument("--data-dir", help="dataset folder (sets data.root)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.lam=50 train.epochs=3")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. method.cqd.lam=50 train.epochs=3")
+
+
+def _command(sub, name: str, help: str, registries: bool = False) -> argparse.ArgumentParser:
+    """A subcommand with its examples (and, for its own --help, the registered methods and tasks) as epilog."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name]) if name in EXAMPLES else None
+    if registries:
+        epilog = (epilog + "\n\n" if epilog else "") + _registered()
+    return sub.add_parser(name, help=help, description=help, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _registered() -> str:
+    """The methods and tasks registered now (`method.name`, `task`), from the registries themselves."""
+    from cqd.methods import METHODS
+    from cqd.tasks import TASKS
+
+    width = max(map(len, METHODS.names()))
+    methods = "\n".join(f"  {n:<{width}}  {METHODS.get(n).label}" for n in METHODS.names())
+    return f"methods (method.name):\n{methods}\n\ntasks (task): {', '.join(TASKS.names())}"
 
 
 def _overrides(args, root_key: str = "data.root") -> list[str]:
@@ -30,20 +62,22 @@ def _overrides(args, root_key: str = "data.root") -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from cqd.config import load_run_config
+    from cqd.engine.schema import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import train
 
     res = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
-        keys = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic") if cfg.task == "sr" else ("degradation", "acc_hq", "acc_lq")
+        from cqd.tasks import task_of
+
+        keys = task_of(cfg).eval_keys
         print(json.dumps({k: res[k] for k in ("name", "method", *keys, "wall_s", "images_per_s")}, indent=2))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from cqd.config import load_run_config
+    from cqd.engine.schema import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import evaluate
@@ -61,7 +95,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from cqd.config import load_run_config
+    from cqd.engine.schema import load_run_config
 
     # `--specs` takes every word after it; the ones shaped key=value (no ':' before the '=', which every
     # spec with parameters has) are overrides typed after the specs
@@ -82,20 +116,20 @@ def cmd_show(args) -> int:
 def _run_table(config: str, overrides: list[str], force: bool) -> int:
     import time
 
-    from cqd.config import load_grid_config
+    from cqd.experiments.schema import load_grid_config
 
     grid = load_grid_config(config, overrides)
     from cqd.api import table
-    from cqd.engine.grid import plan
+    from cqd.experiments.grid import plan
+    from cqd.tasks import task_of
 
     total, t0 = len(plan(grid, Path(grid.out_dir))), time.perf_counter()
+    task = task_of(grid.base)
     done = [0]
 
     def on_cell(name: str, res: dict) -> None:
         done[0] += 1
-        scores = (f"psnr={res['psnr']:.2f} ssim={res['ssim']:.4f} (bicubic {res['psnr_bicubic']:.2f})"
-                  if res.get("psnr") is not None else f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%")
-        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {scores}", flush=True)
+        print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {task.progress(res)}", flush=True)
 
     out = table(grid, force=force, on_cell=on_cell)
     print("\n" + out["markdown"])
@@ -128,7 +162,7 @@ def _print_study(res: dict) -> None:
 
 
 def cmd_multires(args) -> int:
-    from cqd.config import load_run_config
+    from cqd.engine.schema import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.analysis.multires import multires
@@ -161,7 +195,7 @@ def cmd_sym(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from cqd.config import load_run_config
+    from cqd.engine.schema import load_run_config
 
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.analysis.saliency import explain
@@ -174,64 +208,70 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `registries` names the command whose help lists the registered methods and tasks
+    (only that help imports them: `cqd --help` stays light)."""
     ap = _Parser(prog="cqd", description="Cross Quality Distillation: classifiers for degraded images.")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method (hq, lq, augment, staged, cqd) as configured")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return _command(sub, name, help, registries == name)
+
+    p = command("train", "train one run of a method as configured (`cqd train --help` lists the methods)")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.ckpt")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="top-1 of a saved model.pt on the config's high- and low-quality test views")
+    p = command("eval", "top-1 of a saved model.pt on the config's high- and low-quality test views")
     p.add_argument("--model", required=True, help="model.pt written by `cqd train`")
     p.add_argument("--c", help="the loss mix of an sgn SR student: K weights >= 0 summing to 1, e.g. 0.2,0.3,0.5 "
                                "(default: the mix it was trained at, when fixed)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="a saved model.pt as ONNX, TorchScript or pt2, checked by running the written file")
+    p = command("export", "a saved model.pt as ONNX, TorchScript or pt2, checked by running the written file")
     p.add_argument("--model", required=True, help="model.pt written by `cqd train`")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"],
-                   help="onnx (fp32, or int8 QDQ for a QAT model), torchscript (fp32 only), pt2 (torch.export; fp32 or int8)")
+                   help="onnx (fp32, or int8 QDQ for a QAT model), torchscript (fp32 only), "
+                        "pt2 (torch.export; fp32 or int8)")
     p.add_argument("--out", help="output file (default: beside the model: model.onnx, model.ts.pt, model.pt2)")
     p.add_argument("--no-check", action="store_true", help="write without running the file on the test set")
     _common(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("table", help="the paper's Table 1: methods x degradations x seeds, resumable")
+    p = command("table", "the paper's Table 1: methods x degradations x seeds, resumable")
     _common(p, config_required=True)
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
     p.set_defaults(func=cmd_table)
 
-    p = sub.add_parser("tune", help="choose a method's settings (e.g. lambda, T, lr) on the validation split with Optuna")
+    p = command("tune", "choose a method's settings (e.g. lambda, T, lr) on the validation split with Optuna")
     _common(p, config_required=True)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("demo", help="the quick Table 1 on the embedded Fashion-MNIST (a few minutes on 2 CPU cores)")
+    p = command("demo", "the quick Table 1 on the embedded Fashion-MNIST (a few minutes on 2 CPU cores)")
     _common(p)
     p.set_defaults(config="configs/quick.yaml")
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
     p.set_defaults(func=cmd_table)  # the quick preset
 
-    p = sub.add_parser("show-degradations", help="PNG grid: high-quality images, then one row per degradation")
+    p = command("show-degradations", "PNG grid: high-quality images, then one row per degradation")
     _common(p)
     p.add_argument("--specs", nargs="+", help=f"degradation specs (default: {' '.join(DEMO_SPECS)})")
     p.add_argument("--out", default="runs/degradations.png")
     p.add_argument("-n", type=_positive_int, default=8, help="images per row")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("multires", help="multi-quality model (poster): route each test image to f or CQD by predicted quality")
+    p = command("multires", "multi-quality model (poster): route each test image to f or CQD by predicted quality")
     _common(p)
     p.set_defaults(func=cmd_multires)
 
-    p = sub.add_parser("sym", help="one student conditioned on the quality mix c vs K specialists (sym-parameters)")
+    p = command("sym", "one student conditioned on the quality mix c vs K specialists (sym-parameters)")
     _common(p, config_required=True)
     p.add_argument("--force", action="store_true", help="redo runs and scores that already have a result")
     p.set_defaults(func=cmd_sym)
 
-    p = sub.add_parser("explain", help="input-gradient saliency of B and CQD, and tau, the share inside the box (Figure 4)")
+    p = command("explain", "input-gradient saliency of B and CQD, and tau, the share inside the box (Figure 4)")
     _common(p)
     p.add_argument("--n", type=int, default=1000, help="test images to compute tau on (default 1000)")
     p.set_defaults(func=cmd_explain)
@@ -282,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv[:end]
     argv = [a for i, a in enumerate(argv) if i >= end or a != "--debug"]
     try:
-        args = build_parser().parse_args(argv)
+        wants_help = any(a in ("-h", "--help") for a in argv[:end])
+        listing = argv[0] if wants_help and argv and argv[0] in ("train", "table", "tune") else None
+        args = build_parser(registries=listing).parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
 

@@ -10,7 +10,7 @@ Formats (what each model can go to):
 Every file is written under a temporary name, run, and renamed into place only when its check passes:
 fp32, the logits of a test batch within `atol` (1e-3) of PyTorch's; int8, top-1 on the whole test set
 (z view) within `max_drop` (0.5) points of the PyTorch int8 graph's. The batch dimension is dynamic.
-"""
+"""  # noqa: E501 (the table of formats)
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +34,9 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     """Write `model_path` (a `model.pt`) as `fmt` to `out` (default beside it: model.onnx, model.ts.pt, model.pt2)
     and check it; `cfg` (default: the run's own config, from model.pt) gives the test set of the check."""
     from cqd.compress.compressor import deployed
-    from cqd.config import run_config
     from cqd.engine.checkpoint import load_model_file
     from cqd.engine.model_files import load_model
+    from cqd.engine.schema import run_config
 
     if fmt not in FORMATS:
         raise CQDError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -118,7 +118,7 @@ def _no_jit_deprecation():
 
 def _test_data(cfg):
     from cqd.engine.loaders import eval_loader
-    from cqd.engine.tasks import task_of
+    from cqd.tasks import task_of
 
     task = task_of(cfg)
     _, test_ds, _, base_test = task.build_datasets(cfg)
@@ -142,7 +142,8 @@ def _check_fp32(model, run, sample: Tensor, atol: float) -> dict:
     if not diff <= atol:
         raise CQDError(f"the exported file's logits differ from PyTorch's by up to {diff:.3g} on a test batch "
                        f"(allowed {atol:g}); the file was not written")
-    return {"batch": len(sample), "max_abs_diff": diff, "atol": atol, "same_top1": float((got.argmax(1) == want.argmax(1)).mean())}
+    return {"batch": len(sample), "max_abs_diff": diff, "atol": atol,
+            "same_top1": float((got.argmax(1) == want.argmax(1)).mean())}
 
 
 @torch.no_grad()

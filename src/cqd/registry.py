@@ -44,6 +44,14 @@ class Registry(Generic[T]):
                 f"Unknown {self.kind} {name!r}. Known: {', '.join(sorted(self._items))}.{hint}"
             ) from None
 
+    def check(self, name: str) -> str:
+        """A config field's validator: `name` when registered, else a ValueError listing the known names."""
+        try:
+            self.get(name)
+        except CQDError as e:
+            raise ValueError(str(e)) from None
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -1,7 +1,8 @@
 """The base of every config section: unknown keys are errors, assignments are validated.
 
-Kept apart from `cqd.config` so that a method file can declare its own section (`Params`)
-without importing the whole config schema (which imports every method).
+Every section of a config derives from `Strict` and lives with its owner: a method's `Params` in its
+file, `data:` in `cqd.data.schema`, `train:` and the run in `cqd.engine.schema`, a task's section in its
+package, grids and studies in `cqd.experiments.schema`.
 """
 from pydantic import BaseModel, ConfigDict
 
@@ -12,3 +13,6 @@ class Strict(BaseModel):
 
 class NoParams(Strict):
     """A method with no settings of its own."""
+
+
+MAX_SEED = 2**31 - 1  # seeds feed torch.manual_seed and int64 hashes (seed * 100003 + epoch must not overflow)

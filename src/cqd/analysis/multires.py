@@ -1,9 +1,9 @@
 """The poster's multi-resolution model: a quality predictor routes each test image to the right model.
 
 A small classifier (same model factory, 2 classes: 0 = high quality x, 1 = low quality z = T(x)) is
-trained on the paired data through the engine (method `quality`). A test image predicted high quality goes to f (trained on x, method hq,
-also CQD's teacher); one predicted low quality goes to the CQD model g. The table compares f alone,
-g alone, one A+B model, this router and the oracle router (true quality) on the high-quality test
+trained on the paired data through the engine (method `quality`). A test image predicted high quality goes to f
+(trained on x, method hq, also CQD's teacher); one predicted low quality goes to the CQD model g. The table
+compares f alone, g alone, one A+B model, this router and the oracle router (true quality) on the high-quality test
 views x, the low-quality views z and their union.
 """
 from __future__ import annotations
@@ -14,15 +14,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cqd.config import RunConfig
 from cqd.data.paired import Pair
-from cqd.engine.checkpoint import load_checkpoint, save_json, save_text, weight_settings
-from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+from cqd.engine.checkpoint import weight_settings
+from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.precision import make_fabric
-from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.engine.schema import RunConfig
+from cqd.engine.teachers import teacher_run_config
 from cqd.engine.trainer import train
 from cqd.errors import CheckpointError
+from cqd.files import load_checkpoint, save_json, save_text
+from cqd.methods import METHODS
+from cqd.tasks.classification.data import build_datasets, make_maker
 
 ROWS = {
     "hq": "Train on high quality (A): f",
@@ -55,7 +58,8 @@ def _settings(dump: dict, uses_teacher: bool) -> dict:
 
 
 def _check_same(path: Path, wanted: RunConfig, uses_teacher: bool) -> None:
-    a, b = _settings(load_checkpoint(path).get("config", {}), uses_teacher), _settings(wanted.model_dump(), uses_teacher)
+    a, b = (_settings(load_checkpoint(path).get("config", {}), uses_teacher),
+            _settings(wanted.model_dump(), uses_teacher))
     diff = [f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Delete {path.parent} "
@@ -66,7 +70,7 @@ def trained(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     """`<cfg.out_dir>/model.pt`: reused if a finished run with the same settings is there, else trained now."""
     path = Path(cfg.out_dir) / MODEL
     if path.is_file():
-        _check_same(path, cfg, needs_teacher(cfg))
+        _check_same(path, cfg, METHODS.get(cfg.method.name).needs_teacher(cfg))
         log(f"reusing {path}")
     else:
         log(f"training {cfg.method.name} into {cfg.out_dir}")
@@ -75,7 +79,8 @@ def trained(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def trained_f_and_g(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """f (teacher.checkpoint, else method hq under `<out_dir>/hq`) and the CQD model g distilled from it (`<out_dir>/cqd`)."""
+    """f (teacher.checkpoint, else method hq under `<out_dir>/hq`) and the CQD model g distilled from it
+    (`<out_dir>/cqd`)."""
     f = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else trained(derive(cfg, "hq", "hq"), log)
     gcfg = derive(cfg, "cqd", "cqd")
     gcfg.teacher.checkpoint = str(f)
@@ -108,13 +113,15 @@ def score(models: dict[str, nn.Module], pairs: Iterable[Pair]) -> dict:
             for r in rows:
                 correct[r][view] += int((pred[r] == pair.y).sum())
             correct["quality"][view] += int((is_low == (view == "lo")).sum())
-    return {r: {"hi": c["hi"] / n, "lo": c["lo"] / n, "hi+lo": (c["hi"] + c["lo"]) / (2 * n)} for r, c in correct.items()}
+    return {r: {"hi": c["hi"] / n, "lo": c["lo"] / n, "hi+lo": (c["hi"] + c["lo"]) / (2 * n)}
+            for r, c in correct.items()}
 
 
 def format_table(acc: dict) -> str:
     """The poster's layout: rows as in ROWS, columns hi / lo / hi+lo, accuracies in %."""
     lines = ["| Model | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    lines += [f"| {label} | " + " | ".join(f"{100 * acc[r][c]:.1f}" for c in COLUMNS) + " |" for r, label in ROWS.items()]
+    lines += [f"| {label} | " + " | ".join(f"{100 * acc[r][c]:.1f}" for c in COLUMNS) + " |"
+              for r, label in ROWS.items()]
     return "\n".join(lines) + "\n"
 
 

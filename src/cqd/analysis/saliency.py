@@ -22,13 +22,14 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from cqd.analysis.multires import derive, trained, trained_f_and_g  # noqa: E402
-from cqd.config import RunConfig  # noqa: E402
-from cqd.engine.checkpoint import _atomic, save_json  # noqa: E402
-from cqd.engine.loaders import build_datasets, eval_loader, make_maker  # noqa: E402
+from cqd.engine.loaders import eval_loader  # noqa: E402
 from cqd.engine.model_files import load_model  # noqa: E402
 from cqd.engine.precision import make_fabric  # noqa: E402
+from cqd.engine.schema import RunConfig  # noqa: E402
 from cqd.errors import CQDError  # noqa: E402
-from cqd.reports.figures import _show  # noqa: E402
+from cqd.files import atomic_write, save_json  # noqa: E402
+from cqd.reports.figures import show_image  # noqa: E402
+from cqd.tasks.classification.data import build_datasets, make_maker
 
 
 def input_gradient(model: nn.Module, images: Tensor, labels: Tensor,
@@ -77,7 +78,7 @@ def saliency_figure(images: Tensor, boxes: Tensor, maps: dict[str, Tensor], taus
     n = images.shape[0]
     fig, axes = plt.subplots(1 + len(maps), n, figsize=(1.3 * n + 1.5, 1.45 * (1 + len(maps))), squeeze=False)
     for c in range(n):
-        _show(axes[0][c], images[c])
+        show_image(axes[0][c], images[c])
         _draw_box(axes[0][c], boxes[c])
         for r, (name, G) in enumerate(maps.items(), 1):
             ax = axes[r][c]
@@ -92,7 +93,7 @@ def saliency_figure(images: Tensor, boxes: Tensor, maps: dict[str, Tensor], taus
         axes[r][0].set_ylabel(f"gradient of {name}", rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("||d log p(y|z) / dz||: darker is larger; red: the object's box", fontsize=9)
     fig.tight_layout()
-    _atomic(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return out
 
@@ -112,13 +113,36 @@ def tau_scatter(tau_b: Tensor, tau_cqd: Tensor, out: Path) -> Path:
     ax.set_aspect("equal")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _atomic(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return out
 
 
 def _json_floats(t: Tensor) -> list[float | None]:
     return [None if math.isnan(v) else v for v in t.tolist()]
+
+
+def _gradients_and_taus(models: dict[str, nn.Module], loader, maker, n: int, show: int, device) -> tuple:
+    """Over the first `n` test images: each model's tau per image (lists of per-batch tensors), the images'
+    dataset indices, labels and boxes, and the first batch's `show` images, boxes and gradient maps."""
+    taus = {k: [] for k in models}
+    index, labels, boxes, shown = [], [], [], None
+    for batch in loader:
+        _, z, box = maker.views(batch, device)
+        y = batch["label"].to(device)
+        take = min(len(y), n - len(index))
+        z, box, y = z[:take], box[:take], y[:take]
+        maps = {k: input_gradient(m, z, y, maker.normalize) for k, m in models.items()}
+        for k, G in maps.items():
+            taus[k].append(tau(G, box).cpu())
+        if shown is None:
+            shown = (z[:show].cpu(), box[:show].cpu(), {k: G[:show].cpu() for k, G in maps.items()})
+        index += batch["index"][:take].tolist()
+        labels += y.tolist()
+        boxes += box.cpu().tolist()
+        if len(index) >= n:
+            break
+    return taus, index, labels, boxes, shown
 
 
 def explain(cfg: RunConfig, n: int = 1000, show: int = 8, log: Callable[[str], None] = print) -> dict:
@@ -143,23 +167,7 @@ def explain(cfg: RunConfig, n: int = 1000, show: int = 8, log: Callable[[str], N
     device = make_fabric(cfg.train, devices=1).device
     models = {k: load_model(p, base_test.num_classes, base_test.in_chans)[0].to(device) for k, p in paths.items()}
 
-    taus = {k: [] for k in models}
-    index, labels, boxes, shown = [], [], [], None
-    for batch in loader:
-        _, z, box = maker.views(batch, device)
-        y = batch["label"].to(device)
-        take = min(len(y), n - len(index))
-        z, box, y = z[:take], box[:take], y[:take]
-        maps = {k: input_gradient(m, z, y, maker.normalize) for k, m in models.items()}
-        for k, G in maps.items():
-            taus[k].append(tau(G, box).cpu())
-        if shown is None:
-            shown = (z[:show].cpu(), box[:show].cpu(), {k: G[:show].cpu() for k, G in maps.items()})
-        index += batch["index"][:take].tolist()
-        labels += y.tolist()
-        boxes += box.cpu().tolist()
-        if len(index) >= n:
-            break
+    taus, index, labels, boxes, shown = _gradients_and_taus(models, loader, maker, n, show, device)
     tb, tc = (torch.cat(taus[k]) for k in ("B", "CQD"))
 
     saliency_figure(*shown, {k: t[:show] for k, t in (("B", tb), ("CQD", tc))}, out / "saliency.png")

@@ -26,24 +26,19 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cqd.config import (
-    ColumnConfig,
-    GridConfig,
-    RowConfig,
-    RunConfig,
-    _validate,
-    apply_overrides,
-    load_yaml,
-)
-from cqd.engine.checkpoint import save_json, save_text
-from cqd.engine.grid import cell_config, claim, run_grid
-from cqd.engine.loaders import build_datasets, eval_loader, make_maker
+from cqd.config import apply_overrides, load_yaml, validate
+from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.precision import flush_denormals, make_fabric
+from cqd.engine.schema import RunConfig
 from cqd.errors import ConfigError
+from cqd.experiments.grid import cell_config, claim, run_grid
+from cqd.experiments.schema import ColumnConfig, GridConfig, RowConfig, with_base
+from cqd.files import save_json, save_text
 from cqd.methods.symcqd import conditioned_logits, predict_mix
 from cqd.schema import Strict
 from cqd.sym import corners_midpoints_centre, draw_c
+from cqd.tasks.classification.data import build_datasets, make_maker
 
 COLUMN = "mix"
 RANDOM_STREAM = 0x5D  # the random test mixes' draws, apart from the training mixes' (cqd.sym.C_STREAM)
@@ -81,8 +76,8 @@ class SymTableConfig(Strict):
 
 def load_sym_config(path: str | Path | dict, overrides: list[str] = ()) -> SymTableConfig:
     overrides = list(overrides)
-    data = path if isinstance(path, dict) else load_yaml(path)
-    return _validate(SymTableConfig, apply_overrides(data, overrides), "(dict)" if isinstance(path, dict) else str(path), overrides)
+    data = apply_overrides(path if isinstance(path, dict) else load_yaml(path), overrides)
+    return validate(with_base(SymTableConfig, data), data, "(dict)" if isinstance(path, dict) else str(path), overrides)
 
 
 def specialist_ids(degradations: list[str]) -> list[str]:
@@ -94,7 +89,8 @@ def grid_of(cfg: SymTableConfig) -> GridConfig:
     degs = cfg.base.data.mix.degradations
     rows = [RowConfig(id="sym", label=ROWS["sym_true"], set={"method.name": "symcqd"}),
             RowConfig(id="quality", label="quality regressor (c from z_c)", set={"method.name": "quality_mix"})]
-    rows += [RowConfig(id=i, label=f"CQD on {spec} alone", set={"method.name": "cqd", "data.mix": None, "data.degradation": spec})
+    rows += [RowConfig(id=i, label=f"CQD on {spec} alone",
+                       set={"method.name": "cqd", "data.mix": None, "data.degradation": spec})
              for i, spec in zip(specialist_ids(degs), degs)]
     rows += [RowConfig(id="augment_mix", label=ROWS["augment_mix"], set={"method.name": "augment"}),
              RowConfig(id="cqd_mix", label=ROWS["cqd_mix"], set={"method.name": "cqd"})]
@@ -110,7 +106,8 @@ def mixes_of(cfg: SymTableConfig) -> dict[str, tuple[str, torch.Tensor]]:
         group = "corners" if name.startswith("corner") else "midpoints" if name.startswith("mid") else "centre"
         out[name] = (group, torch.tensor([c]))
     r = cfg.eval.random
-    out["random"] = ("random", draw_c(cfg.base.data.seed, torch.arange(r), None, cfg.eval.random_alpha, k, RANDOM_STREAM))
+    out["random"] = ("random",
+                     draw_c(cfg.base.data.seed, torch.arange(r), None, cfg.eval.random_alpha, k, RANDOM_STREAM))
     return out
 
 
@@ -128,6 +125,58 @@ def flops_per_image(model: nn.Module, sample: tuple) -> float:
     return counter.get_total_flops() / sample[0].shape[0]
 
 
+def _load_nets(cells: dict[str, RunConfig], spec_ids: list[str], classes: int, chans: int,
+               dev: torch.device) -> dict[str, nn.Module]:
+    """Every row's network on `dev`, in eval mode; the quality regressor has one output per specialist."""
+    nets = {}
+    for rid, c in cells.items():
+        nets[rid] = load_model(Path(c.out_dir) / MODEL, len(spec_ids) if rid == "quality" else classes,
+                               chans)[0].to(dev).eval()
+    return nets
+
+
+def _score_mix(fabric, maker, loader, nets: dict[str, nn.Module], specialists: list[nn.Module],
+               k: int) -> tuple[dict[str, int], int, float, int]:
+    """One pass over the test set at the maker's current mixes: correct predictions per row, the number of
+    items, the regressor's summed mean abs. error of c and its count of dominant degradations named."""
+    dev = fabric.device
+    correct = {r: 0 for r in ROWS}
+    n, mae, dominant = 0, 0.0, 0
+    for batch in loader:
+        pair = maker(batch, dev)
+        z, c, y = pair.z, pair.c, pair.y
+        with fabric.autocast():
+            c_hat = predict_mix(nets["quality"], z)
+            spec = torch.stack([m(z).float().argmax(1) for m in specialists])  # (K, B)
+            pred = {"sym_true": conditioned_logits(nets["sym"], z, c).float().argmax(1),
+                    "sym_pred": conditioned_logits(nets["sym"], z, c_hat).float().argmax(1),
+                    "augment_mix": nets["augment_mix"](z).float().argmax(1),
+                    "cqd_mix": nets["cqd_mix"](z).float().argmax(1)}
+        pred["route_pred"], pred["route_true"] = route(spec, c_hat), route(spec, c)
+        for r in ROWS:
+            correct[r] += int((pred[r] == y).sum())
+        n += len(y)
+        mae += float((c_hat - c).abs().sum(1).sum()) / k
+        dominant += int((c_hat.argmax(1) == c.argmax(1)).sum())
+    return correct, n, mae, dominant
+
+
+def _costs(nets: dict[str, nn.Module], spec_ids: list[str], sample: torch.Tensor, k: int,
+           dev: torch.device) -> dict[str, dict]:
+    """Per row, the parameters and FLOPs per image of the networks it runs (a router runs one specialist)."""
+    c0 = torch.full((1, k), 1.0 / k, device=dev)
+    flops = {rid: flops_per_image(m, (sample, c0) if rid == "sym" else (sample,)) for rid, m in nets.items()}
+    params = {rid: sum(p.numel() for p in m.parameters()) for rid, m in nets.items()}
+    spec_params = sum(params[i] for i in spec_ids)
+    cost = {"sym_true": (params["sym"], flops["sym"]),
+            "sym_pred": (params["sym"] + params["quality"], flops["sym"] + flops["quality"]),
+            "route_pred": (spec_params + params["quality"], flops["quality"] + max(flops[i] for i in spec_ids)),
+            "route_true": (spec_params, max(flops[i] for i in spec_ids)),
+            "augment_mix": (params["augment_mix"], flops["augment_mix"]),
+            "cqd_mix": (params["cqd_mix"], flops["cqd_mix"])}
+    return {r: {"params": p, "flops": f} for r, (p, f) in cost.items()}
+
+
 @torch.no_grad()
 def score_seed(cfg: SymTableConfig, grid: GridConfig, seed: int, log: Callable[[str], None] = print) -> dict:
     """Accuracy of every row on every test mix of one seed, the regressor's error, parameters and FLOPs."""
@@ -139,9 +188,7 @@ def score_seed(cfg: SymTableConfig, grid: GridConfig, seed: int, log: Callable[[
     _, test_ds, _, base_test = build_datasets(run)
     classes, chans = base_test.num_classes, base_test.in_chans
     spec_ids = specialist_ids(cfg.base.data.mix.degradations)
-    nets = {}
-    for rid, c in cells.items():
-        nets[rid] = load_model(Path(c.out_dir) / MODEL, len(spec_ids) if rid == "quality" else classes, chans)[0].to(dev).eval()
+    nets = _load_nets(cells, spec_ids, classes, chans, dev)
     maker = make_maker(run, base_test)
     loader = eval_loader(run, test_ds, base_test)
     maker.fix_twins(loader, dev, len(base_test))
@@ -150,41 +197,14 @@ def score_seed(cfg: SymTableConfig, grid: GridConfig, seed: int, log: Callable[[
     acc, reg = {}, {}
     for name, (group, table) in mixes_of(cfg).items():
         maker.c_table = table.to(dev)
-        correct = {r: 0 for r in ROWS}
-        n, mae, dominant = 0, 0.0, 0
-        for batch in loader:
-            pair = maker(batch, dev)
-            z, c, y = pair.z, pair.c, pair.y
-            with fabric.autocast():
-                c_hat = predict_mix(nets["quality"], z)
-                spec = torch.stack([m(z).float().argmax(1) for m in specialists])  # (K, B)
-                pred = {"sym_true": conditioned_logits(nets["sym"], z, c).float().argmax(1),
-                        "sym_pred": conditioned_logits(nets["sym"], z, c_hat).float().argmax(1),
-                        "augment_mix": nets["augment_mix"](z).float().argmax(1),
-                        "cqd_mix": nets["cqd_mix"](z).float().argmax(1)}
-            pred["route_pred"], pred["route_true"] = route(spec, c_hat), route(spec, c)
-            for r in ROWS:
-                correct[r] += int((pred[r] == y).sum())
-            n += len(y)
-            mae += float((c_hat - c).abs().sum(1).sum()) / k
-            dominant += int((c_hat.argmax(1) == c.argmax(1)).sum())
+        correct, n, mae, dominant = _score_mix(fabric, maker, loader, nets, specialists, k)
         acc[name] = {"group": group, "c": table.tolist() if len(table) == 1 else f"{len(table)} random mixes",
                      **{r: correct[r] / n for r in ROWS}}
         reg[name] = {"group": group, "c_mae": mae / n, "dominant_acc": dominant / n}
         log(f"s{seed} {name}: " + " ".join(f"{r}={100 * correct[r] / n:.1f}" for r in ROWS))
     sample = torch.zeros(1, chans, run.data.image_size, run.data.image_size, device=dev)
-    c0 = torch.full((1, k), 1.0 / k, device=dev)
-    flops = {rid: flops_per_image(m, (sample, c0) if rid == "sym" else (sample,)) for rid, m in nets.items()}
-    params = {rid: sum(p.numel() for p in m.parameters()) for rid, m in nets.items()}
-    spec_params = sum(params[i] for i in spec_ids)
-    cost = {"sym_true": (params["sym"], flops["sym"]),
-            "sym_pred": (params["sym"] + params["quality"], flops["sym"] + flops["quality"]),
-            "route_pred": (spec_params + params["quality"], flops["quality"] + max(flops[i] for i in spec_ids)),
-            "route_true": (spec_params, max(flops[i] for i in spec_ids)),
-            "augment_mix": (params["augment_mix"], flops["augment_mix"]),
-            "cqd_mix": (params["cqd_mix"], flops["cqd_mix"])}
     return {"seed": seed, "n_test": len(test_ds), "acc": acc, "regressor": reg,
-            "cost": {r: {"params": p, "flops": f} for r, (p, f) in cost.items()}}
+            "cost": _costs(nets, spec_ids, sample, k, dev)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -213,10 +233,12 @@ def summarize(cfg: SymTableConfig, per_seed: list[dict]) -> tuple[str, dict]:
             cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
         cost = per_seed[0]["cost"][r]
         summary["rows"][r].update(cost)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost['params'] / 1e3:.0f}k | {cost['flops'] / 2e6:.1f} |")
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {cost['params'] / 1e3:.0f}k | {cost['flops'] / 2e6:.1f} |")
     md = "\n".join(lines) + "\n"
     # per corner: where one conditioned student matches the specialist of that degradation
-    clines = ["| Test set | " + " | ".join(label.split(" ", 1)[1] for label in ROWS.values()) + " |", "|---|" + "---:|" * len(ROWS)]
+    clines = ["| Test set | " + " | ".join(label.split(" ", 1)[1] for label in ROWS.values()) + " |",
+              "|---|" + "---:|" * len(ROWS)]
     for i, spec in enumerate(degs):
         name = f"corner{i}"
         row = []

@@ -19,32 +19,13 @@ from cqd.compress.pruning import Pruner, count_params, reshape_to
 from cqd.errors import CheckpointError, ConfigError
 
 
-def fp32_for_qat(cfg) -> tuple[object, str | None]:
-    """(cfg, message): fake-quant training runs in fp32, so a QAT run whose precision is, or resolves to,
-    anything else gets `train.precision: 32-true`, and a message for the log saying so."""
-    from cqd.engine.precision import resolve_precision
-
-    if not cfg.compress.qat:
-        return cfg, None
-    resolved = resolve_precision(cfg.train)
-    if resolved == "32-true":
-        return cfg, None
-    cfg = cfg.model_copy(deep=True)
-    given = cfg.train.precision
-    cfg.train.precision = "32-true"
-    return cfg, (f"compress.qat: fake-quant training runs in fp32, so train.precision={given}"
-                 f"{f' (here {resolved})' if given == 'auto' else ''} is switched to 32-true for this run")
-
-
 class Compressor:
     """The run's compression of the student: a Pruner while pruning lasts, then QAT if asked."""
 
-    def __init__(self, cfg, chw: tuple[int, int, int], batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]], log=print):
+    def __init__(self, cfg, chw: tuple[int, int, int], batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+                 log=print):
         self.cfg, self.chw, self.batches, self.log = cfg.compress, tuple(chw), batches, log
         p = self.cfg.prune
-        task = getattr(cfg, "task", "classification")
-        if task != "classification":  # Taylor importance and the export checks are written for class logits
-            raise ConfigError(f"compress: is for classifiers; this run's task is {task!r}; remove the compress section")
         if p.schedule == "iterative" and p.steps > cfg.train.epochs:
             raise ConfigError(f"compress.prune.steps={p.steps} is more than train.epochs={cfg.train.epochs}: iterative "
                               "pruning takes one step before training and one after each of the next epochs")
@@ -77,7 +58,8 @@ class Compressor:
             self._quantize(method)
 
     def on_epoch_end(self, method: nn.Module, epoch: int) -> bool:
-        """The next iterative pruning step after epoch `epoch` (0-based), and QAT after the last; True when g changed."""
+        """The next iterative pruning step after epoch `epoch` (0-based), and QAT after the last; True when g
+        changed."""
         if self.pruner is None or self.pruner.finished or epoch + 1 >= self.pruner.cfg.steps:
             return False
         before = count_params(method.student)

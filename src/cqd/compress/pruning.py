@@ -39,7 +39,8 @@ class Pruner:
     """The run's pruning: `step()` removes the next share of channels (one step for `oneshot`, `steps` equal
     steps for `iterative`); `channels` records each pruned layer's (in, out) channels for model.pt."""
 
-    def __init__(self, model: nn.Module, cfg, sample: Tensor, batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]]):
+    def __init__(self, model: nn.Module, cfg, sample: Tensor,
+                 batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]]):
         import torch_pruning as tp
 
         self.model, self.cfg, self.batches = model, cfg, batches

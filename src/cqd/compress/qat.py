@@ -54,7 +54,8 @@ def prepare(model: nn.Module, chw: tuple[int, int, int]) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     p = next(model.parameters())
-    fmt = torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    fmt = (torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+           else torch.contiguous_format)
     sample = torch.zeros(_SAMPLE_BATCH, *chw, device=p.device).to(memory_format=fmt)
     with torch.no_grad():  # torchao's simulated conv-BN folding divides by the BN weight: 0/0 at an exact zero
         for m in model.modules():  # (timm's ResNets zero-initialise each block's last BN weight)
@@ -65,8 +66,10 @@ def prepare(model: nn.Module, chw: tuple[int, int, int]) -> nn.Module:
     try:
         graph = torch.export.export(model, (sample,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
     except Exception as e:  # torch.export names the Python construct it cannot trace
-        raise ConfigError(f"compress.qat: torch.export cannot capture model {getattr(model, 'model_name', type(model).__name__)!r} "
-                          f"as one graph ({type(e).__name__}: {str(e).splitlines()[0][:300]}); QAT needs an exportable model") from None
+        raise ConfigError(f"compress.qat: torch.export cannot capture model "
+                          f"{getattr(model, 'model_name', type(model).__name__)!r} "
+                          f"as one graph ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                          f"QAT needs an exportable model") from None
     finally:
         model.train(mode)
     prepared = prepare_qat_pt2e(graph, _quantizer())

@@ -26,7 +26,8 @@ class PruneConfig(Strict):
     @model_validator(mode="after")
     def _steps(self) -> "PruneConfig":
         if self.schedule == "oneshot" and self.steps != 1:
-            raise ValueError(f"compress.prune.steps={self.steps} needs schedule: iterative (oneshot prunes in one step)")
+            raise ValueError(f"compress.prune.steps={self.steps} needs schedule: iterative "
+                             f"(oneshot prunes in one step)")
         return self
 
 
@@ -35,11 +36,13 @@ class CompressConfig(Strict):
 
     prune: PruneConfig = PruneConfig()
     qat: bool = Field(False, description="quantization-aware training (torchao PT2E, x86 inductor quantizer: int8 "
-                                         "per-channel weights, uint8 activations); trains in fp32 (the precision is switched)")
-    recalibrate_bn: int | None = Field(None, ge=0, description="BatchNorm statistics of g are re-estimated on this many "
-                                       "training batches of z (forward passes, weights unchanged) after each pruning step "
-                                       "and before the final evaluation; unset: 16 for a pruned or QAT g, none for another; "
-                                       "set: for every run (e.g. every row of a table, so that rows compare alike); 0: never")
+                                         "per-channel weights, uint8 activations); trains in fp32 "
+                                         "(the precision is switched)")
+    recalibrate_bn: int | None = Field(None, ge=0, description="BatchNorm statistics of g are re-estimated on this "
+                                       "many training batches of z (forward passes, weights unchanged) after each "
+                                       "pruning step and before the final evaluation; unset: 16 for a pruned or QAT "
+                                       "g, none for another; set: for every run (e.g. every row of a table, so that "
+                                       "rows compare alike); 0: never")
 
     @property
     def bn_batches(self) -> int:

@@ -46,7 +46,8 @@ class Blend(Degradation):
 def check_mixable(specs: list[str]) -> list[Degradation]:
     """The K degradations of a mix, parsed; one that moves the object (clutter) cannot be blended pixel-wise."""
     if len(specs) < 2:
-        raise CQDError(f"a mix needs at least 2 degradations, got {len(specs)} ({specs}); for one, use data.degradation")
+        raise CQDError(f"a mix needs at least 2 degradations, got {len(specs)} ({specs}); "
+                       "for one, use data.degradation")
     Ts = [parse_degradation(s) for s in specs]
     for spec, T in zip(specs, Ts):
         if T.needs_bank:

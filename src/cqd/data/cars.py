@@ -67,7 +67,8 @@ def _annotations(mat: dict, path: Path, fields: tuple[str, ...]) -> list[dict]:
 def _record(row: dict, image: Path, classes: list[str], path: Path) -> Record:
     label = int(row["class"])
     if label != row["class"] or not 1 <= label <= len(classes):
-        raise DataError(f"{path}: image {image.name} has class {row['class']:g}; the class names define 1..{len(classes)}")
+        raise DataError(f"{path}: image {image.name} has class {row['class']:g}; "
+                        f"the class names define 1..{len(classes)}")
     x1, y1, x2, y2 = (row[f] for f in BOX_FIELDS)
     return Record(image, label - 1, (x1 - 1, y1 - 1, x2, y2))
 
@@ -121,7 +122,8 @@ def records(root: str | Path | None, split: str) -> tuple[list[Record], list[str
     elif (root / "cars_annos.mat").is_file():
         recs, classes = _single_file(root, split)
     else:
-        raise DataError(f"{root} is not a Stanford Cars folder: it has neither devkit/ nor cars_annos.mat. Expected {LAYOUTS}")
+        raise DataError(f"{root} is not a Stanford Cars folder: it has neither devkit/ nor cars_annos.mat. "
+                        f"Expected {LAYOUTS}")
     if not recs:
         raise DataError(f"The Stanford Cars annotations in {root} list no image in the {split} split")
     return recs, classes

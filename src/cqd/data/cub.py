@@ -55,7 +55,8 @@ def _table(path: Path, width: int, parse: Callable[[list[str]], object]) -> dict
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-extract CUB_200_2011.tgz") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "re-extract CUB_200_2011.tgz") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -24,7 +24,8 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_DIR = Path(os.environ.get("CQD_CACHE", Path.home() / ".cache" / "cqd"))
 NO_DOWNLOAD = "CQD_NO_DOWNLOAD"  # set (to anything but 0/false/no/off) to forbid the download fallback
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 HOW_TO_GET = (
     "Fashion-MNIST was not found. cqd looks in --data-dir (or data.root), then in "
     f"{DEBIAN_DIR} (Debian/Ubuntu: `apt-get install dataset-fashion-mnist`), then downloads it with "
@@ -49,7 +50,8 @@ def read_idx(path: Path) -> torch.Tensor:
     for d in dims:
         n *= d
     if len(data) - 4 - 4 * nd != n:
-        raise DataError(f"{path} is truncated or corrupt: header says {dims}, found {len(data) - 4 - 4 * nd} bytes of data")
+        raise DataError(f"{path} is truncated or corrupt: header says {dims}, "
+                        f"found {len(data) - 4 - 4 * nd} bytes of data")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * nd).view(*dims)
 
 
@@ -110,7 +112,8 @@ class FashionMNIST(ImageDataset):
             raise DataError(f"Fashion-MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count")
         x = images[:, None]
         if image_size != x.shape[-1]:
-            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
             x = x.round().clamp(0, 255).to(torch.uint8)
         self.images, self.labels, self.image_size = x.contiguous(), labels.long(), image_size
         self.box = torch.tensor([0.0, 0.0, image_size, image_size])

@@ -55,7 +55,8 @@ def _parse_one(part: str) -> Degradation:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, object] = {}
     if colon and not params.strip():
-        raise CQDError(f"malformed degradation spec {part!r}: nothing after ':' (e.g. 'lowres:size=7', or just 'lowres')")
+        raise CQDError(f"malformed degradation spec {part!r}: nothing after ':' "
+                       "(e.g. 'lowres:size=7', or just 'lowres')")
     for item in (p.strip() for p in params.split(",")) if colon else []:
         key, eq, raw = item.partition("=")
         key = key.strip()
@@ -81,4 +82,18 @@ def parse_degradation(spec: str) -> Degradation:
     return stages[0] if len(stages) == 1 else Compose(stages=stages)
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "Draws", "parse_degradation"]
+def check_spec(spec: str | None, image_size: int | None = None) -> str | None:
+    """A config field's validator: `spec` itself when it parses (and fits `image_size`, e.g. lowres:size must
+    not exceed it), else a ValueError with the parser's message. None passes (an unset optional field)."""
+    if spec is None:
+        return spec
+    try:
+        T = parse_degradation(spec)
+        if image_size is not None:
+            T.check(3, image_size)  # the built-in checks depend on the image size only
+    except CQDError as e:
+        raise ValueError(str(e)) from None
+    return spec
+
+
+__all__ = ["DEGRADATIONS", "Degradation", "Draws", "check_spec", "parse_degradation"]

@@ -94,7 +94,8 @@ class Degradation:
     def __call__(self, x: Tensor, index: Tensor, seed: int = 0, epoch: int | None = None):
         """z, box = T(x, index): x float (B, C, H, W) in [0, 1]; index the samples' dataset indices."""
         if x.ndim != 4 or not x.is_floating_point():
-            raise CQDError(f"degradation {self.spec()!r} needs a float (B, C, H, W) batch, got {tuple(x.shape)} {x.dtype}")
+            raise CQDError(f"degradation {self.spec()!r} needs a float (B, C, H, W) batch, "
+                           f"got {tuple(x.shape)} {x.dtype}")
         return self.forward(x, Draws(seed, index.to(x.device), epoch))
 
     def spec(self) -> str:

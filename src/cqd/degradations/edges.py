@@ -11,7 +11,6 @@ from torch import Tensor
 from cqd.degradations import DEGRADATIONS
 from cqd.degradations.base import Degradation
 
-
 _NEIGHBOURS = ((0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1))
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cqd.compress.compressor import deployed
-from cqd.config import RunConfig
 from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import load_model
 from cqd.engine.precision import flush_denormals, make_fabric
-from cqd.engine.tasks import task_of
+from cqd.engine.schema import RunConfig
 from cqd.errors import ConfigError
 from cqd.methods import METHODS
+from cqd.tasks import task_of
 
 
 def evaluate_saved(model_path: str | Path, cfg: RunConfig, c=None) -> dict:
@@ -26,7 +26,7 @@ def evaluate_saved(model_path: str | Path, cfg: RunConfig, c=None) -> dict:
         classes = method.num_outputs(base_test.num_classes, cfg.method.params)
         model, ck = load_model(model_path, classes, base_test.in_chans)
         model, form = deployed(model, ck, model_path)  # a QAT model is evaluated in its converted int8 form
-        model, c = at_mix(model, ck, c, cfg.task, model_path)
+        model, c = at_mix(model, ck, c, task, model_path)
         if form == "int8":  # the int8 graph computes in fp32 between its quantize/dequantize ops: no autocast
             fabric = make_fabric(cfg.train.model_copy(update={"precision": "32-true"}), devices=1)
         loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test), use_distributed_sampler=False)
@@ -36,10 +36,10 @@ def evaluate_saved(model_path: str | Path, cfg: RunConfig, c=None) -> dict:
                 "n_test": len(test_ds), **res}
 
 
-def at_mix(model, ck: dict, c, task: str, path) -> tuple:
+def at_mix(model, ck: dict, c, task, path) -> tuple:
     """(the model to evaluate, the c it runs at): a network conditioned on the mix c (an `sgn` SR student) with c
     fixed, checked to be K weights >= 0 summing to 1; a model without gates is refused a c."""
-    from cqd.models.sym import AtMix, SymNet
+    from cqd.models.sym import SymNet
 
     if isinstance(c, str):
         text = c.strip().strip("[]")
@@ -52,16 +52,4 @@ def at_mix(model, ck: dict, c, task: str, path) -> tuple:
             raise ConfigError(f"{path} has no sym gates (it was not trained conditioned on a mix c, as method sgn "
                               "trains): evaluate it without c")
         return model, None
-    if task != "sr":  # classification: the mix comes with the blends of data.mix
-        if c is not None:
-            raise ConfigError("a classification model conditioned on c is evaluated on blends: set data.mix.c instead of c")
-        return model, None
-    if c is None:
-        c = ((ck.get("config") or {}).get("method", {}).get("sgn") or {}).get("fixed_c")
-        if c is None:
-            raise ConfigError(f"{path} is conditioned on a mix c of {model.k} losses: give one, e.g. "
-                              f"--c {','.join(['%.3g' % (1 / model.k)] * model.k)} (api: c=[...])")
-    c = [float(v) for v in c]
-    if len(c) != model.k or min(c) < 0 or abs(sum(c) - 1) > 1e-4:
-        raise ConfigError(f"c={c}: {path} takes a mix of K={model.k}: {model.k} weights, each >= 0, summing to 1")
-    return AtMix(model, c), c
+    return task.at_mix(model, ck, c, path)

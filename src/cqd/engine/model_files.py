@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cqd.engine.checkpoint import load_model_file, load_state, save_checkpoint
+from cqd.engine.checkpoint import load_model_file, load_state
 from cqd.errors import CheckpointError
+from cqd.files import save_checkpoint
 from cqd.models import create_model
 
 MODEL = "model.pt"
@@ -38,12 +39,13 @@ def load_model(path: str | Path, num_classes: int | None = None, in_chans: int |
     return model, ck
 
 
-def save_model(model: nn.Module, cfg, num_classes: int, in_chans: int, path: Path, compress: dict | None = None) -> None:
+def save_model(model: nn.Module, cfg, num_classes: int, in_chans: int, path: Path,
+               compress: dict | None = None) -> None:
     """`model.pt`: the weights, what rebuilds the network (name, classes, channels; for a compressed g the pruned
     layers' channels and whether it is a fake-quant graph: `compress`) and the run's config."""
-    save_checkpoint({"model_name": getattr(model, "model_name", None) or cfg.model, "num_classes": num_classes, "in_chans": in_chans,
-                     "model": model.state_dict(), "config": cfg.model_dump(), "sym": getattr(model, "sym_spec", None),
-                     "compress": compress}, path)
+    save_checkpoint({"model_name": getattr(model, "model_name", None) or cfg.model, "num_classes": num_classes,
+                     "in_chans": in_chans, "model": model.state_dict(), "config": cfg.model_dump(),
+                     "sym": getattr(model, "sym_spec", None), "compress": compress}, path)
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:

@@ -19,7 +19,8 @@ def cpu_has_bf16() -> bool:
 
 def _check_accelerator(accelerator: str) -> None:
     """A clear error for an accelerator this machine lacks (Fabric's own is a traceback)."""
-    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+    have = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+            + (["mps"] if torch.backends.mps.is_available() else []))
     want = "cuda" if accelerator == "gpu" else accelerator
     if want not in ("auto", *have):
         raise ConfigError(f"train.accelerator={accelerator}: this machine has no {want.upper()} device "
@@ -93,3 +94,18 @@ def flush_denormals():
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+def fp32_for_qat(cfg) -> tuple[object, str | None]:
+    """(cfg, message): fake-quant training runs in fp32, so a QAT run whose precision is, or resolves to,
+    anything else gets `train.precision: 32-true`, and a message for the log saying so."""
+    if not cfg.compress.qat:
+        return cfg, None
+    resolved = resolve_precision(cfg.train)
+    if resolved == "32-true":
+        return cfg, None
+    cfg = cfg.model_copy(deep=True)
+    given = cfg.train.precision
+    cfg.train.precision = "32-true"
+    return cfg, (f"compress.qat: fake-quant training runs in fp32, so train.precision={given}"
+                 f"{f' (here {resolved})' if given == 'auto' else ''} is switched to 32-true for this run")

@@ -18,8 +18,9 @@ class StopRequest:
 
     Under DDP every rank must stop at the same step: a rank that stopped alone would leave the others
     waiting forever in the next step's gradient all-reduce (a signal reaches the ranks at different
-    points of their steps, or reaches one rank only). So `check(fabric)` sums the ranks' requests with
-    one scalar all-reduce per step (a device sync on GPU; none with a single process).
+    points of their steps, or reaches one rank only). So `check(fabric, due)` sums the ranks' requests with
+    one scalar all-reduce at the steps where `due` (every `train.check_every`, the same steps on every rank):
+    a device sync on GPU, so not every step. A single process reads its own flag at every step (no sync).
     """
 
     def __init__(self):
@@ -31,9 +32,11 @@ class StopRequest:
         self.requested = True
         print("cqd: stopping after this step (signal again to stop now)", file=sys.stderr, flush=True)
 
-    def check(self, fabric=None) -> None:
+    def check(self, fabric=None, due: bool = True) -> None:
         requested = self.requested
         if fabric is not None and fabric.world_size > 1:
+            if not due:
+                return
             flag = torch.tensor(float(requested), device=fabric.device)
             requested = bool(fabric.all_reduce(flag, reduce_op="sum") > 0)
         if requested:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint
 from cqd.errors import CheckpointError
+from cqd.files import load_checkpoint, save_checkpoint
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -42,7 +42,8 @@ def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Ten
                 raise TypeError(f"'logits' is a {type(table).__name__}, not a tensor")
             return table, True
         except (CheckpointError, KeyError, TypeError) as e:
-            warnings.warn(f"{path}: unreadable teacher cache ({type(e).__name__}: {e}); computing it again", stacklevel=2)
+            warnings.warn(f"{path}: unreadable teacher cache ({type(e).__name__}: {e}); computing it again",
+                          stacklevel=2)
             path.unlink(missing_ok=True)
     table = compute()
     save_checkpoint({"logits": table.cpu()}, path)

@@ -16,24 +16,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from cqd.engine.loaders import make_maker
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.teacher_cache import cache_key, cached_teacher_logits
-from cqd.methods import METHODS
 from cqd.methods.base import freeze
 from cqd.models.taps import FeatureTaps
-
-
-def needs_teacher(cfg) -> bool:
-    """Does a run of `cfg` need f? (its method's rule; the trainer, the grid and the analyses all ask here)"""
-    return METHODS.get(cfg.method.name).needs_teacher(cfg)
+from cqd.tasks import task_of
 
 
 def teacher_run_config(cfg, k: int = 0):
     """The run that trains teacher k when it has no checkpoint: method hq (the task's teacher method) on
     the teacher's model, seed, view and x degradation, in `<out_dir>/teacher` (k = 0) or `<out_dir>/teacher<k>`."""
-    from cqd.config import MethodConfig, TeacherConfig
-    from cqd.engine.tasks import task_of
+    from cqd.engine.schema import TeacherConfig
 
     t = cfg.teacher_list[k]
     tcfg = cfg.model_copy(deep=True)
@@ -42,7 +35,7 @@ def teacher_run_config(cfg, k: int = 0):
     tcfg.data.hq_view = t.view or cfg.data.hq_view
     tcfg.data.hq_degradation = t.degradation or cfg.data.hq_degradation
     task = task_of(cfg)
-    tcfg.method = MethodConfig(name=task.teacher_method)
+    tcfg.method = type(cfg.method)(name=task.teacher_method)
     task.teacher_run(cfg, tcfg)
     tcfg.teacher, tcfg.teachers = TeacherConfig(), []
     tcfg.compress = type(cfg.compress)()  # f is never compressed: a compressed g starts from the full f
@@ -68,10 +61,9 @@ class Teachers:
     """The loaded, frozen teachers of a run, each with the maker of its own x when its view differs."""
 
     def __init__(self, cfg, base_train, num_classes: int, in_chans: int, fabric, train: Callable, log):
-        from cqd.engine.tasks import task_of
-
         self.cfg, self.fabric, self.log = cfg, fabric, log
-        self.input_of = task_of(cfg).teacher_input  # x (classification) or z (sr): what f sees when it has no maker of its own
+        # x (classification) or z (sr): what f sees when it has no maker of its own
+        self.input_of = task_of(cfg).teacher_input
         self.models: list[nn.Module] = []
         self.paths: list[str] = []
         self.makers = []  # None: the teacher sees the run's x
@@ -83,7 +75,7 @@ class Teachers:
             self.paths.append(str(path))
             own = (t.view or cfg.data.hq_view, t.degradation or cfg.data.hq_degradation)
             same = own == (cfg.data.hq_view, cfg.data.hq_degradation)
-            self.makers.append(None if same else make_maker(cfg, base_train, *own))
+            self.makers.append(None if same else task_of(cfg).make_maker(cfg, base_train, *own))
         self.taps: list[FeatureTaps | None] = [None] * len(self.models)
         self.logit_tables: list[Tensor | None] = [None] * len(self.models)
         self.feature_tables: list[tuple[Tensor, dict[str, Tensor]] | None] = [None] * len(self.models)
@@ -102,7 +94,8 @@ class Teachers:
         return self.input_of(pair) if maker is None else maker.normalize(maker.hq(batch, self.fabric.device, epoch))
 
     def cache(self, train_ds, base_train, all_loader, run_maker) -> None:
-        """Compute what can be computed once (x fixed and `train.cache_teacher`): logits on disk, tapped maps on the device."""
+        """Compute what can be computed once (x fixed and `train.cache_teacher`): logits on disk, tapped maps on the
+        device."""
         cfg, fabric = self.cfg, self.fabric
         if not cfg.train.cache_teacher:
             return
@@ -112,9 +105,11 @@ class Teachers:
             if not maker.teacher_input_fixed:
                 continue
             key = cache_key(model, identity, maker.view_key())
-            table, hit = cached_teacher_logits(cfg.cache_dir, key, lambda: self._pass(k, all_loader, maker, len(base_train))[0])
+            table, hit = cached_teacher_logits(cfg.cache_dir, key,
+                                               lambda: self._pass(k, all_loader, maker, len(base_train))[0])
             self.logit_tables[k] = table.to(fabric.device)
-            self.log(f"teacher {k} logits: {'cache hit' if hit else 'computed and cached'} ({cfg.cache_dir}/teacher-{key}.pt)")
+            self.log(f"teacher {k} logits: {'cache hit' if hit else 'computed and cached'} "
+                     f"({cfg.cache_dir}/teacher-{key}.pt)")
             if self.taps[k] is not None:
                 mb = self._feature_mb(k, maker, len(train_ds))
                 if mb <= cfg.train.feature_cache_mb:
@@ -122,13 +117,15 @@ class Teachers:
                     self.feature_tables[k] = (slots, maps)
                     self.log(f"teacher {k} feature maps: computed once ({mb:.0f} MB on {fabric.device})")
                 else:
-                    self.log(f"teacher {k} feature maps: {mb:.0f} MB > train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
+                    self.log(f"teacher {k} feature maps: {mb:.0f} MB > "
+                             f"train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
 
     def _identity(self, train_ds, base_train) -> dict:
         """What the teachers' inputs depend on, besides their view: the data and the precision."""
         cfg = self.cfg
         identity = {"dataset": cfg.data.name, "root": cfg.data.root, "split": "train", "size": cfg.data.image_size,
-                    "n": len(base_train), "data_seed": cfg.data.seed, "precision": self.fabric.strategy.precision.precision}
+                    "n": len(base_train), "data_seed": cfg.data.seed,
+                    "precision": self.fabric.strategy.precision.precision}
         if isinstance(train_ds, Subset):  # f(x) only for the items this run trains on, not the whole split
             identity["items"] = hashlib.sha256(",".join(map(str, train_ds.indices)).encode()).hexdigest()[:16]
         return identity
@@ -139,15 +136,15 @@ class Teachers:
         teacher k's tapped maps over the training items (batches in index order, from the device cache
         when kept) and `key` names teacher k's weights, the data and its view, as the logits cache's key,
         so the stage can keep its result on disk and redo it only when one of them changes."""
-        stage = getattr(method, "pretrain", None)
-        if stage is None:
+        if not method.pretrains:
             return
         identity = self._identity(train_ds, base_train)
         for k, model in enumerate(self.models):
             if self.taps[k] is not None:
                 maker = self.makers[k] or run_maker
                 key = cache_key(model, identity, maker.view_key())
-                stage(k, lambda k=k, maker=maker: self._maps(k, all_loader, maker), key, self.cfg.cache_dir, self.log)
+                method.pretrain(k, lambda k=k, maker=maker: self._maps(k, all_loader, maker), key, self.cfg.cache_dir,
+                                self.log)
 
     def _maps(self, k: int, loader, maker):
         """Teacher k's tapped maps over `loader`, batch by batch."""

@@ -1,148 +1,70 @@
 """One training loop for every method (Lightning Fabric does devices, precision and DDP).
 
-config -> datasets -> PairMaker -> teachers -> Method -> named losses per phase -> this loop ->
-metrics, checkpoints. The loop only sums a phase's losses and steps its optimizer; it never asks
-which method it runs. Setup (`Run.__init__`) builds everything in the method lifecycle's order:
-student (started from f where asked) -> method -> `transform_student` -> optimizers per phase.
+config -> task (datasets, pair maker, metrics) -> teachers -> Method -> named losses per phase -> this loop
+-> metrics, checkpoints. The loop only sums a phase's losses and steps its optimizer; it never asks which
+method or task it runs. What runs beside it (compression, logs, the progress bar, a caller's per-epoch
+callback) are hooks at named points (`cqd.engine.hooks`). Setup (`cqd.engine.setup`) builds everything in
+the method lifecycle's order. The step never waits for the device: the loss sums and the non-finite flags
+stay on it and are read every `train.check_every` steps, at each epoch's end and before each checkpoint.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
 
-from cqd.compress.compressor import Compressor, fp32_for_qat
 from cqd.compress.pruning import count_params
-from cqd.config import RunConfig, run_config
 from cqd.engine import phases
-from cqd.engine.checkpoint import FORMAT, load_resume_checkpoint, load_state, save_checkpoint, save_json, save_text
-from cqd.engine.loaders import eval_loader, make_loader, val_dataset
-from cqd.engine.model_files import MODEL, build_model, same_architecture, save_model
-from cqd.engine.precision import flush_denormals, make_fabric
-from cqd.engine.rounds import rounds_of, train_rounds
-from cqd.engine.sampling import EpochSampler
+from cqd.engine.checkpoint import FORMAT, load_resume_checkpoint, load_state
+from cqd.engine.model_files import MODEL, save_model
+from cqd.engine.precision import flush_denormals
+from cqd.engine.schema import RunConfig, run_config
+from cqd.engine.setup import Setup, build
 from cqd.engine.signals import stop_on_signal
-from cqd.engine.tasks import task_of
-from cqd.engine.teachers import Teachers, needs_teacher
 from cqd.errors import CheckpointError, ConfigError, TrainingDiverged
+from cqd.files import save_checkpoint, save_json
 from cqd.methods import METHODS, Step
 
 CKPT, RESULT, METRICS = "last.ckpt", "result.json", "metrics.csv"
 
 
 def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = None, on_epoch=None) -> dict:
-    """Train one method as configured; returns the result dict also written to `<out_dir>/result.json`.
+    """Train one run as configured; returns the result dict also written to `<out_dir>/result.json`.
 
     `on_epoch(row)` is called after each epoch's checkpoint with that epoch's metrics (the row of
     metrics.csv); a true return value ends the run there (e.g. a tuner's pruning), as a finished run.
     """
     cfg = run_config(cfg)
-    if rounds_of(cfg) > 1:  # sequential distillation: one run per round, each round's student the next one's teacher
-        return train_rounds(cfg, train, resume, fabric, on_epoch)
+    method = METHODS.get(cfg.method.name)
+    if method.rounds(cfg.method.params) > 1:
+        raise ConfigError(f"method {cfg.method.name!r} trains {method.rounds(cfg.method.params)} sequential rounds: "
+                          "one run per round, which cqd.experiments.rounds.train (and `cqd train`) does")
     with flush_denormals():
-        return Run(cfg, resume, fabric).fit(on_epoch)
+        return Run.start(cfg, resume, fabric).fit(on_epoch)
 
 
 class Run:
-    """Everything one training run holds; `fit` is the loop."""
+    """The loop's own state (where it is, what it has summed); `fit` is the loop."""
 
-    def __init__(self, cfg: RunConfig, resume: bool, fabric: Fabric | None):
-        cfg, precision_note = fp32_for_qat(cfg)
-        self.cfg, t = cfg, cfg.train
-        method_cls = METHODS.get(cfg.method.name)
-        if fabric is None:
-            fabric = make_fabric(t, find_unused=method_cls.ddp_find_unused)
-            fabric.launch()
-        elif cfg.compress.qat and fabric.strategy.precision.precision != "32-true":
-            raise ConfigError(f"compress.qat trains in fp32, but the given Fabric runs at precision "
-                              f"{fabric.strategy.precision.precision}; pass one made with precision 32-true")
-        self.fabric, self.log, self.out = fabric, fabric.print, Path(cfg.out_dir)
-        if precision_note:
-            self.log(precision_note)
+    def __init__(self, setup: Setup):
+        self.s, self.cfg, self.fabric, self.hooks = setup, setup.cfg, setup.fabric, setup.hooks
+        self.method, self.log, self.out = setup.method, setup.log, setup.out
+        self.steps_per_epoch, self.total = setup.steps_per_epoch, setup.total
+        self._restore(setup.resume)
 
-        torch.manual_seed(cfg.seed)
-        self.task = task_of(cfg)  # classification or sr: datasets, pair maker, metrics
-        self.train_ds, test_ds, base_train, base_test = self.task.build_datasets(cfg)
-        self.num_classes, self.in_chans = method_cls.num_outputs(base_train.num_classes, cfg.method.params), base_train.in_chans
-        self.maker, self.test_maker = self.task.make_maker(cfg, base_train), self.task.make_maker(cfg, base_test)
-
-        self.teachers = (Teachers(cfg, base_train, base_train.num_classes, self.in_chans, fabric, train, self.log)
-                         if needs_teacher(cfg) else None)
-        torch.manual_seed(cfg.seed)
-        student = build_model(self.task.model_name(cfg, cfg.model), self.num_classes, self.in_chans, cfg.pretrained, t.channels_last)
-        self._start_from_teacher(student, method_cls)
-        student = student.to(fabric.device)
-        sample = torch.zeros(2, self.in_chans, cfg.data.image_size, cfg.data.image_size, device=fabric.device)
-        self.compressor = None
-        if cfg.compress.active:  # prune g before the method sizes its own parts to it
-            self.compressor = Compressor(cfg, sample.shape[1:], self._task_batches(base_train), self.log)
-            self.compressor.before_method(student, sample)
-        self.method = method_cls(student, cfg.method.params,
-                                 self.teachers.models if self.teachers else (), sample)
-        self.method.transform_student()
-        if self.compressor:
-            self.compressor.after_method(self.method)
-        if self.teachers:
-            self.teachers.tap(self.method.teacher_taps)
-
-        self.sampler = EpochSampler(len(self.train_ds), cfg.seed, fabric.global_rank, fabric.world_size)
-        self.loader = make_loader(self.train_ds, base_train, t.batch_size, self.sampler, cfg.data.num_workers,
-                                  drop_last=len(self.train_ds) > t.batch_size * fabric.world_size)
-        self.steps_per_epoch = min(len(self.loader), t.max_steps_per_epoch or len(self.loader))
-        self.total = self.steps_per_epoch * t.epochs
-        self.test_loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test, fabric.global_rank, fabric.world_size),
-                                                    use_distributed_sampler=False)
-        val_ds = val_dataset(cfg, base_train)
-        self.val_loader = None if val_ds is None else fabric.setup_dataloaders(
-            eval_loader(cfg, val_ds, base_train, fabric.global_rank, fabric.world_size), use_distributed_sampler=False)
-        all_loader = eval_loader(cfg, self.train_ds, base_train)
-        self._fix_twins(method_cls, all_loader, len(base_train))
-        if self.teachers and method_cls.uses_teacher:
-            self.teachers.cache(self.train_ds, base_train, all_loader, self.maker)
-            self.teachers.pretrain(self.method, self.train_ds, base_train, all_loader, self.maker)
-        self._restore(resume)
-
-    def _start_from_teacher(self, student, method_cls) -> None:
-        """g starts from f (the first teacher) where the method and `method.init` ask for it."""
-        init, rule = self.cfg.method.init, method_cls.init_from_teacher
-        if self.teachers is None or not (init == "teacher" or (init == "auto" and rule != "never")):
-            return
-        teacher = self.teachers.models[0]
-        if same_architecture(teacher, student):
-            student.load_state_dict(teacher.state_dict())
-        elif rule == "always" or init == "teacher":
-            raise ConfigError(f"method {self.cfg.method.name!r} starts the student from the teacher, so model "
-                              f"{self.cfg.model!r} must match the teacher's architecture; use method cqd for compression")
-
-    def _task_batches(self, base_train):
-        """batches(n): the first n training batches as (z, y), in item order (pruning's Taylor importance, BatchNorm recalibration)."""
-        def batches(n: int):
-            loader = eval_loader(self.cfg, self.train_ds, base_train)
-            for _, batch in zip(range(n), loader):
-                pair = self.maker(batch, self.fabric.device)
-                yield pair.z, pair.y
-        return batches
+    @classmethod
+    def start(cls, cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = None) -> "Run":
+        """A run set up and ready to `fit` (its parts in `run.s`)."""
+        return cls(build(run_config(cfg), resume, fabric, train))
 
     def _epoch_hooks(self, epoch: int) -> bool:
-        """The method's end-of-epoch hook, then compression's; True when either changed the student."""
+        """The method's end-of-epoch hook, then the hooks'; True when one of them changed the student."""
         changed = self.method.on_epoch_end(epoch)
-        return bool(self.compressor and self.compressor.on_epoch_end(self.method, epoch)) or changed
-
-    def _fix_twins(self, method_cls, all_loader, size: int) -> None:
-        """With fixed pairs the twins z are made once, before the first step (skipped by methods that never see z)."""
-        d = self.cfg.data
-        mb = len(self.train_ds) * self.in_chans * d.image_size ** 2 * 4 / 2**20 * getattr(self.maker, "k", 1)  # K twins of a mix
-        if self.task.fixes_twins and method_cls.uses_z and not d.fresh_each_epoch and self.maker.T.spec() != "none" and mb <= d.twin_cache_mb:
-            t0 = time.perf_counter()
-            n = self.maker.fix_twins(all_loader, self.fabric.device, size)
-            self.log(f"degraded twins: made once for {n} items ({mb:.0f} MB on {self.fabric.device}, {time.perf_counter() - t0:.1f}s)")
+        return any(self.hooks.call("on_epoch_end", self, epoch)) or changed
 
     def _optimizers(self, offset: int = 0) -> None:
         """(Re)build each phase's optimizer and schedule and hand them, with the method, to Fabric."""
@@ -157,14 +79,17 @@ class Run:
         ck = None
         if resume and (self.out / CKPT).is_file():
             ck = load_resume_checkpoint(self.out / CKPT, self.cfg.model_dump())  # same settings, or a CheckpointError
-            self.start_epoch, self.start_step, self.history = ck["epoch"], ck["step_in_epoch"], ck["history"][: ck["epoch"]]
+            self.start_epoch, self.start_step = ck["epoch"], ck["step_in_epoch"]
+            self.history = ck["history"][: ck["epoch"]]
         offset = 0
         for epoch in range(self.start_epoch):
             if self._epoch_hooks(epoch):
                 offset = (epoch + 1) * self.steps_per_epoch
         self._optimizers(offset)
-        if ck is None:
-            return
+        if ck is not None:
+            self._load(ck)
+
+    def _load(self, ck: dict) -> None:
         path = self.out / CKPT
         load_state(self.method, ck["method"], path, "method state (student and the method's own parts)")
         for kind, have in (("optimizers", self.opts), ("schedulers", self.scheds)):
@@ -173,40 +98,26 @@ class Run:
                                       "use another out_dir or drop --resume")
             for name, target in have.items():
                 load_state(target, ck[kind][name], path, f"{kind[:-1]} {name!r}")
-        if self.start_step:  # the saved sums are all ranks': rank 0 takes them, the others start at zero (same keys, for all_reduce)
+        if self.start_step:  # the saved sums are all ranks': rank 0 takes them, the others start at zero (same keys)
             zero = not self.fabric.is_global_zero
-            self.partial = ({k: 0.0 if zero else v for k, v in ck.get("epoch_sums", {}).items()}, 0 if zero else ck.get("epoch_n", 0))
+            self.partial = ({k: 0.0 if zero else v for k, v in ck.get("epoch_sums", {}).items()},
+                            0 if zero else ck.get("epoch_n", 0))
         self.log(f"resuming {self.out} at epoch {self.start_epoch} step {self.start_step}")
 
     def fit(self, on_epoch=None) -> dict:
-        cfg, t, fabric = self.cfg, self.cfg.train, self.fabric
-        self.writer = self._open_logs()
         self.t0, self.seen, self.train_s = time.perf_counter(), 0, 0.0
         # `at` is where a resumed run would continue; it advances only once a step's updates, loss sums and
         # counter are all done, so an interrupt at any point saves a consistent checkpoint.
         self.at = {"epoch": self.start_epoch, "step": self.start_step, "sums": {}, "n": 0}
         self.consistent, result = True, None
+        self.hooks.call("on_fit_start", self)
         try:
             with stop_on_signal() as stop:
-                for epoch in range(self.start_epoch, t.epochs):
-                    resumed = epoch == self.start_epoch
-                    step = self.start_step if resumed else 0
-                    self.sampler.set_epoch(epoch, step * t.batch_size)
-                    self.model.train()
-                    sums, n = self.partial if resumed else ({}, 0)
-                    self.at.update(epoch=epoch, step=step, sums={k: torch.tensor(v, device=fabric.device) for k, v in sums.items()}, n=n)
-                    self.epoch_t0, self.n_new = time.perf_counter(), 0
-                    bar = self._bar(epoch, step)
-                    for batch in self.loader:
-                        stop.check(fabric)
-                        if self.at["step"] >= self.steps_per_epoch:
-                            break
-                        loss = self._step(batch, epoch)
-                        self._progress(bar, loss)
-                    bar.close()
+                for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                    self._epoch(epoch, stop)
                     row = self._end_epoch(epoch)
                     if on_epoch is not None and on_epoch(row):
-                        self.log(f"{cfg.name}: stopped after epoch {epoch + 1} by the per-epoch callback")
+                        self.log(f"{self.cfg.name}: stopped after epoch {epoch + 1} by the per-epoch callback")
                         break
                 result = self._finish()
                 # a signal after the last step's check (during the last evaluation or the final save) is not
@@ -216,29 +127,51 @@ class Run:
                 if stop.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if result is not None:
-                self.log(f"interrupted: {cfg.name} had finished and is saved in {self.out}; stopping as asked")
-            elif self.consistent:
-                self._checkpoint(self.at["epoch"], self.at["step"], self.at["sums"], self.at["n"])
-                self.log(f"interrupted: saved {self.out / CKPT} at epoch {self.at['epoch']} step {self.at['step']}; continue with --resume")
-            else:  # a second Ctrl-C inside an optimizer step: the weights in memory are half-updated
-                self.log(f"interrupted during an optimizer step: kept the last checkpoint {self.out / CKPT}; continue with --resume")
+            self._interrupted(result)
             raise
         finally:
-            if self.writer:
-                self.writer.close()
+            self.hooks.call("on_fit_end", self)
         return result
 
-    def _step(self, batch, epoch: int) -> torch.Tensor:
+    def _epoch(self, epoch: int, stop) -> None:
+        """The epoch's steps, from where a resumed run left off; reads the device every `check_every` steps."""
+        t, fabric = self.cfg.train, self.fabric
+        resumed = epoch == self.start_epoch
+        step = self.start_step if resumed else 0
+        self.s.sampler.set_epoch(epoch, step * t.batch_size)
+        self.model.train()
+        sums, n = self.partial if resumed else ({}, 0)
+        sums = {k: torch.tensor(v, device=fabric.device) for k, v in sums.items()}
+        self.at.update(epoch=epoch, step=step, sums=sums, n=n)
+        self.health = Health(fabric.device, epoch * self.steps_per_epoch + step)
+        self.epoch_t0, self.n_new = time.perf_counter(), 0
+        self.hooks.call("on_epoch_start", self, epoch, step)
+        for batch in self.s.loader:
+            if self.at["step"] >= self.steps_per_epoch:
+                break
+            stop.check(fabric, due=self._due())
+            self._step(batch, epoch)
+            if self._due():
+                self._check()
+            self.hooks.call("on_step_end", self)
+        if fabric.world_size > 1:  # every rank stops at this epoch's end if one was asked to since the last check
+            stop.check(fabric)
+        self.hooks.call("on_steps_done", self, epoch)
+
+    def _due(self) -> bool:
+        return self.at["step"] % self.cfg.train.check_every == 0
+
+    def _step(self, batch, epoch: int) -> None:
         """One batch: each phase's forward, loss, backward and optimizer step, in the method's order."""
-        pair = self.maker(batch, self.fabric.device, epoch)
-        logits, features = self.teachers(batch, pair, epoch) if self.teachers and self.method.uses_teacher else ([], [])
+        s = self.s
+        pair = s.maker(batch, self.fabric.device, epoch)
+        logits, features = s.teachers(batch, pair, epoch) if s.teachers and self.method.uses_teacher else ([], [])
         step = Step(pair, logits, features, epoch, epoch * self.steps_per_epoch + self.at["step"], self.total)
         sums = dict(self.at["sums"])
         for name, opt in self.opts.items():
             _, losses = self.model(dataclasses.replace(step, phase=name))
             loss = sum(losses.values())
-            self._check_finite(loss, losses, epoch)
+            self.health.add(loss, losses)
             opt.zero_grad(set_to_none=True)
             self.fabric.backward(loss)
             self.consistent = False
@@ -246,34 +179,45 @@ class Run:
             self.scheds[name].step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach() * len(pair)
+        self.health.advance()
         self.n_new += len(pair)
         self.at.update(step=self.at["step"] + 1, sums=sums, n=self.at["n"] + len(pair))
         self.consistent = True
-        return loss
 
-    def _check_finite(self, loss, losses: dict, epoch: int) -> None:
-        if not torch.isfinite(loss):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise TrainingDiverged(
-                f"{self.cfg.name}: loss became {loss.item()} at epoch {epoch + 1} step {self.at['step'] + 1} "
-                f"(non-finite term: {', '.join(bad) or 'the sum'}). "
-                + (f"The last good checkpoint {self.out / CKPT} is kept; " if (self.out / CKPT).is_file()
-                   else "No checkpoint was written yet; ")
-                + "lower train.lr or the method's loss weights (e.g. method.cqd.lam) and start again "
-                  "(without --resume, or in a new out_dir).")
+    def _check(self) -> None:
+        """One read of the device: the first non-finite loss since the epoch began (an error), and the mean loss."""
+        sums, n = self.at["sums"], max(self.at["n"], 1)
+        loss = sum(sums.values()) / n if sums else None
+        values = self.health.read(loss)
+        if values["bad_step"] >= 0:
+            raise self._diverged(values)
+        self.hooks.call("on_check", self, values)
+
+    def _diverged(self, values: dict) -> TrainingDiverged:
+        epoch, step = divmod(int(values["bad_step"]), self.steps_per_epoch)
+        bad = [k for k, v in values["bad_terms"].items() if v]
+        kept = (f"The last good checkpoint {self.out / CKPT} is kept; " if (self.out / CKPT).is_file()
+                else "No checkpoint was written yet; ")
+        return TrainingDiverged(
+            f"{self.cfg.name}: loss became {values['bad_value']} at epoch {epoch + 1} step {step + 1} "
+            f"(non-finite term: {', '.join(bad) or 'the sum'}). " + kept
+            + "lower train.lr or the method's loss weights (e.g. method.cqd.lam) and start again "
+              "(without --resume, or in a new out_dir).")
 
     def _end_epoch(self, epoch: int) -> dict:
-        """Metrics of the epoch, evaluation when due, the method's end-of-epoch hook, the checkpoint, the logs."""
+        """Metrics of the epoch, evaluation when due, the end-of-epoch hooks, the checkpoint, the logs."""
+        self._check()
         t, fabric, sums = self.cfg.train, self.fabric, self.at["sums"]
         dt = time.perf_counter() - self.epoch_t0
         self.train_s += dt
         self.seen += self.n_new * fabric.world_size
-        totals = fabric.all_reduce(torch.stack([*sums.values(), torch.tensor(float(self.at["n"]), device=fabric.device)]).float(), reduce_op="sum")
+        count = torch.tensor(float(self.at["n"]), device=fabric.device)
+        totals = fabric.all_reduce(torch.stack([*sums.values(), count]).float(), reduce_op="sum")
         row = {"epoch": epoch + 1, "lr": self.scheds[next(iter(self.scheds))].get_last_lr()[0],
                "images_per_s": self.n_new * fabric.world_size / max(dt, 1e-9)}
-        row.update({k: float(v / max(float(totals[-1]), 1)) for k, v in zip(sums, totals[:-1])})
-        if self.compressor and epoch + 1 == t.epochs:  # a compressed g's BatchNorm statistics, re-estimated once at the end
-            self.compressor.recalibrate(self.method.student)
+        if sums:
+            row.update(zip(sums, read_device(list(totals[:-1] / totals[-1:].clamp_min(1)))))
+        self.hooks.call("on_before_evaluate", self, epoch)
         if (t.eval_every and (epoch + 1) % t.eval_every == 0) or epoch + 1 == t.epochs:
             row.update(self.evaluate())
         self.history.append(row)
@@ -282,20 +226,19 @@ class Run:
             self._optimizers(offset=(epoch + 1) * self.steps_per_epoch)
         self._checkpoint(epoch + 1, 0)
         self.at.update(epoch=epoch + 1, step=0, sums={}, n=0)
-        if self.writer:
-            for k, v in row.items():
-                self.writer.add_scalar(k, v, epoch + 1)
-            _write_csv(self.history, self.out / METRICS)
-        self.log(f"{self.cfg.name} epoch {epoch + 1}/{t.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if fabric.is_global_zero:
+            self.hooks.call("on_epoch_logged", self, row)
+        self.log(f"{self.cfg.name} epoch {epoch + 1}/{t.epochs}: "
+                 + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         return row
 
     def _warn_if_exploding(self, row: dict) -> None:
         """Only NaN/inf stop a run; a cross-entropy far above chance (log K) means it is diverging all the same."""
-        ce, chance = row.get("loss_ce"), math.log(self.num_classes)
+        ce, chance = row.get("loss_ce"), math.log(self.s.num_classes)
         if ce is not None and ce > 3 * chance and not getattr(self, "_warned", False):
             self._warned = True
             warnings.warn(f"{self.cfg.name}: loss_ce={ce:.4g} at epoch {row['epoch']} is far above chance level "
-                          f"(log {self.num_classes} = {chance:.2f}): the run is diverging. Lower train.lr (now "
+                          f"(log {self.s.num_classes} = {chance:.2f}): the run is diverging. Lower train.lr (now "
                           f"{self.cfg.train.lr:g}) or the method's loss weights (e.g. method.cqd.lam); the paper used "
                           "lr 0.0005 with lambda 200 (the CUB/Cars presets do)", stacklevel=2)
 
@@ -307,78 +250,100 @@ class Run:
             # stats of their own last batch; give every rank rank 0's, as model.pt holds.
             for b in self.method.buffers():
                 torch.distributed.broadcast(b.data, src=0)
-        metrics = self.task.evaluate(self.method.eval_models(), self.method.eval_views, self.test_loader,
-                                          self.test_maker, self.fabric)
-        if self.val_loader is not None:
-            val = self.task.evaluate(self.method.eval_models(), self.method.eval_views, self.val_loader,
-                                          self.maker, self.fabric)
+        s, models, views = self.s, self.method.eval_models(), self.method.eval_views
+        metrics = s.task.evaluate(models, views, s.test_loader, s.test_maker, self.fabric)
+        if s.val_loader is not None:
+            val = s.task.evaluate(models, views, s.val_loader, s.maker, self.fabric)
             metrics.update({f"val_{k}": v for k, v in val.items()})
         return metrics
 
+    def _interrupted(self, result) -> None:
+        """Ctrl-C or SIGTERM: a consistent state is saved (unless a loss went non-finite), then the caller stops."""
+        if result is not None:
+            self.log(f"interrupted: {self.cfg.name} had finished and is saved in {self.out}; stopping as asked")
+        elif self.consistent:
+            if hasattr(self, "health"):
+                self._check()  # a checkpoint never holds the weights of a non-finite step
+            self._checkpoint(self.at["epoch"], self.at["step"], self.at["sums"], self.at["n"])
+            self.log(f"interrupted: saved {self.out / CKPT} at epoch {self.at['epoch']} step {self.at['step']}; "
+                     "continue with --resume")
+        else:  # a second Ctrl-C inside an optimizer step: the weights in memory are half-updated
+            self.log(f"interrupted during an optimizer step: kept the last checkpoint {self.out / CKPT}; "
+                     "continue with --resume")
+
     def _checkpoint(self, epoch: int, step: int, sums: dict | None = None, n: int = 0) -> None:
-        if sums and self.fabric.world_size > 1:  # mid-epoch (every rank stopped at this step): save all ranks' sums
-            total = self.fabric.all_reduce(torch.stack([*sums.values(), torch.tensor(float(n), device=self.fabric.device)]).float(),
-                                           reduce_op="sum")
+        fabric = self.fabric
+        if sums and fabric.world_size > 1:  # mid-epoch (every rank stopped at this step): save all ranks' sums
+            count = torch.tensor(float(n), device=fabric.device)
+            total = fabric.all_reduce(torch.stack([*sums.values(), count]).float(), reduce_op="sum")
             sums, n = dict(zip(sums, total[:-1])), int(total[-1])
-        if self.fabric.is_global_zero:
-            save_checkpoint({"format": FORMAT, "model_name": self.cfg.model, "num_classes": self.num_classes,
-                             "in_chans": self.in_chans, "model": self.method.deployable().state_dict(),
-                             "compress": self.compressor.record() if self.compressor else None,
-                             "method": self.method.state_dict(),
+        if fabric.is_global_zero:
+            save_checkpoint({"format": FORMAT, "model_name": self.cfg.model, "num_classes": self.s.num_classes,
+                             "in_chans": self.s.in_chans, "model": self.method.deployable().state_dict(),
+                             **self._records(), "method": self.method.state_dict(),
                              "optimizers": {k: o.state_dict() for k, o in self.opts.items()},
                              "schedulers": {k: s.state_dict() for k, s in self.scheds.items()},
                              "epoch": epoch, "step_in_epoch": step, "epoch_n": n,
                              "epoch_sums": {k: float(v) for k, v in (sums or {}).items()},
                              "history": self.history[:epoch], "config": self.cfg.model_dump()}, self.out / CKPT)
-        self.fabric.barrier()
+        fabric.barrier()
 
-    def _open_logs(self):
-        if not self.fabric.is_global_zero:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        save_json(self.cfg.model_dump(), self.out / "config.json")
-        return SummaryWriter(str(self.out / "tb"))
-
-    def _bar(self, epoch: int, step: int):
-        from tqdm import tqdm
-
-        return tqdm(total=self.steps_per_epoch, initial=step, desc=f"{self.cfg.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
-                    disable=not (self.cfg.train.progress and self.fabric.is_global_zero), leave=False, dynamic_ncols=True)
-
-    def _progress(self, bar, loss) -> None:
-        if bar.n % 10 == 0 or self.at["step"] == self.steps_per_epoch:
-            rate = self.n_new * self.fabric.world_size / (time.perf_counter() - self.epoch_t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-        bar.update(1)
+    def _records(self) -> dict:
+        return {"compress": None, **self.hooks.record(self)}
 
     def _finish(self) -> dict:
-        cfg, fabric = self.cfg, self.fabric
+        cfg, fabric, s = self.cfg, self.fabric, self.s
         final = self.history[-1] if self.history else {}
-        teachers = self.teachers.paths if self.teachers else []
+        teachers = s.teachers.paths if s.teachers else []
         result = {"name": cfg.name, "method": cfg.method.name, "model": cfg.model, "seed": cfg.seed,
                   "degradation": cfg.data.degradation, "acc_hq": final.get("acc_hq"), "acc_lq": final.get("acc_lq"),
                   "val_acc_hq": final.get("val_acc_hq"), "val_acc_lq": final.get("val_acc_lq"),
-                  **{k: final.get(k) for k in self.task.metrics},
+                  **{k: final.get(k) for k in s.task.metrics},
                   "wall_s": time.perf_counter() - self.t0, "train_s": self.train_s,
                   "images_per_s": self.seen / self.train_s if self.train_s else None,
                   "teacher": teachers[0] if teachers else None, "teachers": teachers,
                   "world_size": fabric.world_size, "precision": fabric.strategy.precision.precision,
-                  "params": count_params(self.method.deployable()),
-                  "compress": self.compressor.record() if self.compressor else None,
+                  "params": count_params(self.method.deployable()), **self._records(),
                   "history": self.history, "config": cfg.model_dump()}
         if fabric.is_global_zero:
-            save_model(self.method.deployable(), cfg, self.num_classes, self.in_chans, self.out / MODEL,
-                       self.compressor.record() if self.compressor else None)
+            save_model(self.method.deployable(), cfg, s.num_classes, s.in_chans, self.out / MODEL, result["compress"])
             save_json(result, self.out / RESULT)
         fabric.barrier()
         return result
 
 
-def _write_csv(history: list[dict], path: Path) -> None:
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(history)
-    save_text(buf.getvalue(), path)
+class Health:
+    """Non-finite losses, tracked on the device without a wait: the first step (over the run) whose summed loss
+    was NaN or inf, its value and which terms were non-finite; `read` brings them (and the mean loss) over at once."""
+
+    def __init__(self, device, step: int):
+        self.device = device
+        self.step = torch.full((), step, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+        self.bad_terms: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, losses: dict) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.bad_step < 0)
+        for k, v in losses.items():
+            was = self.bad_terms.get(k, torch.zeros((), dtype=torch.bool, device=self.device))
+            self.bad_terms[k] = torch.where(new, ~torch.isfinite(v.detach()), was)
+        self.bad_value = torch.where(new, loss.detach().float(), self.bad_value)
+        self.bad_step = torch.where(new, self.step, self.bad_step)
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def read(self, loss: torch.Tensor | None) -> dict:
+        names = list(self.bad_terms)
+        extra = [loss.detach().float()] if loss is not None else []
+        got = read_device([self.bad_step.float(), self.bad_value, *(self.bad_terms[k].float() for k in names), *extra])
+        values = {"bad_step": int(got[0]), "bad_value": got[1], "bad_terms": dict(zip(names, got[2:2 + len(names)]))}
+        if extra:
+            values["loss"] = got[-1]
+        return values
+
+
+def read_device(tensors: list[torch.Tensor]) -> list[float]:
+    """The loop's one way to read device values: one transfer (one wait) for all of them."""
+    return torch.stack([t.reshape(()) for t in tensors]).tolist()

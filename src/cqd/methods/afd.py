@@ -105,7 +105,8 @@ class AFD(DML):
     def phases(self):
         nets = [q for net in self.nets for q in net.parameters()]
         return [Phase("main", nets),
-                Phase("adv", [{"params": nets + list(self.transfers.parameters()), "lr_scale": self.params.adv_lr_scale}]),
+                Phase("adv", [{"params": nets + list(self.transfers.parameters()),
+                               "lr_scale": self.params.adv_lr_scale}]),
                 Phase("disc", list(self.discs.parameters()),
                       {"optimizer": "adam", "lr": 2e-4, "betas": (0.5, 0.999), "weight_decay": 0.0})]
 

@@ -22,7 +22,8 @@ class ATParams(KDParams):
     beta: float = Field(1000.0, ge=0, description="weight of the attention loss (the paper's beta)")
     p: float = Field(2.0, gt=0, description="exponent of the attention map")
     student_layers: list[str] | None = Field(None, description="student layers; default: its last feature map")
-    teacher_layers: list[str] | None = Field(None, description="teacher layers, one per student layer; default: its last feature map")
+    teacher_layers: list[str] | None = Field(None, description="teacher layers, one per student layer; "
+                                                              "default: its last feature map")
     lam: float = Field(0.0, ge=0, description="weight of Eq. 1's logit term (0: attention loss only)")
 
     @model_validator(mode="after")

@@ -13,9 +13,12 @@ What a method may declare, each with a default that fits CQD and the baselines:
   phases()           named optimizer phases, each with its parameters, stepped in turn per batch
   ddp_find_unused    some parameters get no gradient in some phase (a discriminator in the networks'
                      phase), so under DDP the engine lets DDP look for them each step (find_unused_parameters)
+  mix_conditioned    g takes (z, c), c the mix of K degradations: the run needs data.mix, `k` follows it
+  pretrains          it has a stage before training, `pretrain()`, once per tapped teacher
+                     (factor transfer's paraphraser)
+  rounds(), round_params()  sequential distillation: R runs in turn (cqd.experiments.rounds)
   transform_student(), on_epoch_end(), deployable(), eval_models(), eval_views(): the lifecycle
-  pretrain(k, maps, key, cache_dir, log)  optional: a stage before training, once per tapped teacher
-                     (factor transfer's paraphraser); the engine calls it only where a method defines it
+Every hook the engine calls is declared here with its default; the engine never probes for others.
 """
 from __future__ import annotations
 
@@ -64,11 +67,14 @@ class Method(nn.Module):
 
     Params: ClassVar[type[Strict]] = NoParams
     label: ClassVar[str] = ""
-    table_lines: ClassVar[tuple[tuple[str, str], ...]] = ()  # (label, metric) per table line; default ((label, "acc_lq"),)
+    # (label, metric) per table line; default ((label, "acc_lq"),)
+    table_lines: ClassVar[tuple[tuple[str, str], ...]] = ()
     uses_teacher: ClassVar[bool] = False
     uses_z: ClassVar[bool] = True
     init_from_teacher: ClassVar[str] = "never"
     ddp_find_unused: ClassVar[bool] = False  # off by default: DDP's search walks the autograd graph every step
+    mix_conditioned: ClassVar[bool] = False  # g(z, c): needs data.mix; the section's `k` follows the mix
+    pretrains: ClassVar[bool] = False  # the engine calls `pretrain` before training (for each tapped teacher)
 
     def __init__(self, student: nn.Module, params: Strict | None = None, teachers: Sequence[nn.Module] = (),
                  sample: Tensor | None = None):
@@ -86,6 +92,21 @@ class Method(nn.Module):
     def num_outputs(cls, num_classes: int, params: Strict | None = None) -> int:
         """The student's head size for a dataset of `num_classes` classes (`params`: the method's section)."""
         return num_classes
+
+    @classmethod
+    def rounds(cls, params: Strict) -> int:
+        """Sequential runs this method's section asks for (1: one run; `cqd.experiments.rounds` trains R > 1)."""
+        return 1
+
+    @classmethod
+    def round_params(cls, params: Strict, first: bool) -> Strict:
+        """The section of one round of several (round 1 when `first`)."""
+        return params
+
+    def pretrain(self, k: int, maps, key: str, cache_dir: str, log) -> None:
+        """A stage before training (called only when `pretrains`), once per tapped teacher k: `maps()` yields
+        teacher k's tapped maps over the training items, `key` names its weights, the data and its view (so
+        the stage can keep its result on disk under `cache_dir` and redo it only when one of them changes)."""
 
     def forward(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -108,7 +129,8 @@ class Method(nn.Module):
         return self.student
 
     def eval_models(self) -> dict[str, nn.Module]:
-        """Networks evaluated at the end of each evaluated epoch; '' is logged as acc_hq/acc_lq, others as NAME/acc_hq."""
+        """Networks evaluated at the end of each evaluated epoch; '' is logged as acc_hq/acc_lq, others as
+        NAME/acc_hq."""
         return {"": self.student}
 
     @classmethod

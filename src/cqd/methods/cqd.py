@@ -72,4 +72,5 @@ class CQD(Method):
 
     def forward(self, step):
         logits = self.student(step.pair.z)
-        return logits, {"loss_ce": self.ce(logits, step.pair.y), "loss_kd": kd_term(logits, step.teacher_logits, self.params)}
+        return logits, {"loss_ce": self.ce(logits, step.pair.y),
+                        "loss_kd": kd_term(logits, step.teacher_logits, self.params)}

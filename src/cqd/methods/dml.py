@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from cqd.errors import CQDError, ConfigError
+from cqd.errors import ConfigError, CQDError
 from cqd.methods import METHODS
 from cqd.methods.base import Method
 from cqd.methods.cqd import soft_kl
@@ -84,7 +84,8 @@ def fresh_like(name: str, like: nn.Module) -> nn.Module:
     net = create_model(name, like.num_classes, like.in_chans)
     convs = [p for p in like.parameters() if p.dim() == 4]
     last = any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
-    return net.to(convs[0].device if convs else "cpu", memory_format=torch.channels_last if last else torch.contiguous_format)
+    return net.to(convs[0].device if convs else "cpu",
+                  memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 @METHODS.register("dml")
@@ -98,8 +99,8 @@ class DML(Method):
         p = self.params
         names = p.models or [getattr(student, "model_name", None)] * (p.k - 1)
         if None in names:
-            raise ConfigError(f"method.{self.section}.models: network 1 ({type(student).__name__}) was not built by name, "
-                              f"so list the architectures of networks 2..{p.k}")
+            raise ConfigError(f"method.{self.section}.models: network 1 ({type(student).__name__}) was not built by "
+                              f"name, so list the architectures of networks 2..{p.k}")
         self.peers = nn.ModuleList(fresh_like(n, student) for n in names)
         self.views = p.views or ["z"] * p.k
 

@@ -24,7 +24,8 @@ from cqd.methods.cqd import KDParams
 
 
 class EnsParams(KDParams):
-    loss: Literal["ce"] = Field("ce", description="KL to the ensemble's softened predictions (mse, between logits, does not apply)")
+    loss: Literal["ce"] = Field("ce", description="KL to the ensemble's softened predictions "
+                                                  "(mse, between logits, does not apply)")
 
 
 def ensemble_target(teacher_logits: list[Tensor], T: float) -> Tensor:
@@ -55,4 +56,5 @@ class Ensemble(Method):
 
     def forward(self, step):
         logits = self.student(step.pair.z)
-        return logits, {"loss_ce": self.ce(logits, step.pair.y), "loss_kd": ensemble_term(logits, step.teacher_logits, self.params)}
+        return logits, {"loss_ce": self.ce(logits, step.pair.y),
+                        "loss_kd": ensemble_term(logits, step.teacher_logits, self.params)}

@@ -18,7 +18,7 @@ The paper publishes neither the transforms' depth nor the weights; our choices, 
             paths, default each net's last feature map before pooling
 The transforms train with the student and are in `last.ckpt`; `model.pt` holds only the student,
 so test-time cost is the student's. `rounds: R` is sequential FEED: R students in turn, each round's
-the next one's teacher (`cqd.engine.rounds`).
+the next one's teacher (`cqd.experiments.rounds`).
 """
 from __future__ import annotations
 
@@ -38,11 +38,14 @@ from cqd.models.taps import FeatureTaps, probe
 class FEEDParams(EnsParams):
     beta: float = Field(200.0, ge=0, description="weight of each teacher's feature loss")
     depth: int = Field(3, ge=1, le=8, description="conv-BN-LeakyReLU layers in each teacher's transform")
-    distance: Literal["l1", "l2"] = Field("l1", description="between L2-normalized maps: mean |a - b| (FT, FEED) or mean (a - b)^2")
+    distance: Literal["l1", "l2"] = Field("l1", description="between L2-normalized maps: mean |a - b| (FT, FEED) "
+                                                            "or mean (a - b)^2")
     student_layer: str | None = Field(None, description="student layer (module path); default: its last feature map")
-    teacher_layers: list[str | None] = Field([], description="one layer per teacher (null: its last feature map); default: all last feature maps")
+    teacher_layers: list[str | None] = Field([], description="one layer per teacher (null: its last feature map); "
+                                                             "default: all last feature maps")
     lam: float = Field(0.0, ge=0, description="weight of the ensemble's logit term (0: feature losses only)")
-    rounds: int = Field(1, ge=1, le=10, description="sequential rounds: round r's teacher is round r-1's student (1: one round)")
+    rounds: int = Field(1, ge=1, le=10, description="sequential rounds: round r's teacher is round r-1's student "
+                                                    "(1: one round)")
 
     def next_round(self, first: bool) -> FEEDParams:
         """This section for one round of several: round 1 keeps the teachers' taps; later rounds' one teacher
@@ -77,6 +80,14 @@ class FEED(Method):
     label = "FEED -> B feature ensemble"
     uses_teacher = True
     init_from_teacher = "if_same"
+
+    @classmethod
+    def rounds(cls, params) -> int:
+        return params.rounds
+
+    @classmethod
+    def round_params(cls, params, first: bool):
+        return params.next_round(first)
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)

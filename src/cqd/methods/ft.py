@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cqd.engine.checkpoint import load_checkpoint, save_checkpoint
+from cqd.files import load_checkpoint, save_checkpoint
 from cqd.methods import METHODS
 from cqd.methods.base import Method
 from cqd.methods.ens import EnsParams, ensemble_term
@@ -42,15 +42,18 @@ from cqd.models.taps import FeatureTaps, probe
 
 class FTParams(EnsParams):
     beta: float = Field(200.0, ge=0, description="weight of the factor loss")
-    rate: float = Field(0.5, gt=0, le=4, description="paraphrase rate: factor channels = round(rate * teacher channels)")
+    rate: float = Field(0.5, gt=0, le=4, description="paraphrase rate: "
+                                                     "factor channels = round(rate * teacher channels)")
     depth: int = Field(3, ge=1, le=8, description="conv-BN-LeakyReLU layers of the translator")
     paraphraser_epochs: int = Field(10, ge=1, description="epochs of the paraphraser's own training stage")
     paraphraser_lr: float = Field(1e-3, gt=0, description="Adam's lr in that stage")
-    distance: Literal["l1", "l2"] = Field("l1", description="between L2-normalized factors: mean |a - b| or mean (a - b)^2")
+    distance: Literal["l1", "l2"] = Field("l1", description="between L2-normalized factors: mean |a - b| "
+                                                            "or mean (a - b)^2")
     student_layer: str | None = Field(None, description="student layer (module path); default: its last feature map")
     teacher_layer: str | None = Field(None, description="teacher layer (module path); default: its last feature map")
     lam: float = Field(0.0, ge=0, description="weight of the logit term (0: factor loss only)")
-    rounds: int = Field(1, ge=1, le=10, description="sequential rounds: round r's teacher is round r-1's student (1: one round)")
+    rounds: int = Field(1, ge=1, le=10, description="sequential rounds: round r's teacher is round r-1's student "
+                                                    "(1: one round)")
 
     def next_round(self, first: bool) -> FTParams:
         """This section for one round of several: round 1 keeps the teacher's tap; later rounds' teacher
@@ -73,6 +76,15 @@ class FactorTransfer(Method):
     label = "FT -> B factor transfer"
     uses_teacher = True
     init_from_teacher = "if_same"
+    pretrains = True
+
+    @classmethod
+    def rounds(cls, params) -> int:
+        return params.rounds
+
+    @classmethod
+    def round_params(cls, params, first: bool):
+        return params.next_round(first)
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)
@@ -91,7 +103,8 @@ class FactorTransfer(Method):
         """The paraphraser's stage (the engine calls it for the one tapped teacher, k = 0): loaded from
         the cache, or trained on the teacher's maps and cached."""
         p = self.params
-        settings = {"key": key, "layer": self.guided, "rate": p.rate, "epochs": p.paraphraser_epochs, "lr": p.paraphraser_lr}
+        settings = {"key": key, "layer": self.guided, "rate": p.rate, "epochs": p.paraphraser_epochs,
+                    "lr": p.paraphraser_lr}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"paraphraser-{digest}.pt"
         if path.is_file():
@@ -111,7 +124,8 @@ class FactorTransfer(Method):
         P.eval().requires_grad_(False)
         save_checkpoint({"paraphraser": {n: t.cpu() for n, t in P.state_dict().items()}, "settings": settings,
                          "reconstruction_mse": float(loss.detach())}, path)
-        log(f"paraphraser: trained {p.paraphraser_epochs} epochs (reconstruction MSE {float(loss.detach()):.4g}), cached in {path}")
+        log(f"paraphraser: trained {p.paraphraser_epochs} epochs (reconstruction MSE {float(loss.detach()):.4g}), "
+            f"cached in {path}")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -124,7 +138,8 @@ class FactorTransfer(Method):
         with torch.no_grad():
             target = self.paraphraser.encoder(step.teacher_features[0][self.guided].float())
         losses = {"loss_ce": self.ce(logits, step.pair.y),
-                  "loss_ft": p.beta * factor_distance(resized(self.translator(self.taps.out[self.layer]), target), target, p.distance)}
+                  "loss_ft": p.beta * factor_distance(resized(self.translator(self.taps.out[self.layer]), target),
+                                                      target, p.distance)}
         if p.lam:
             losses["loss_kd"] = ensemble_term(logits, step.teacher_logits, p)
         return logits, losses

@@ -45,7 +45,8 @@ from cqd.methods.sr import FeatureDistiller, FeatureParams
 class LSFDParams(FeatureParams):
     window: int = Field(3, ge=1, description="side k of the local window (odd: centred on p)")
     tau: float = Field(1.0, gt=0, description="attention temperature, relative to the image's mean difference")
-    norm: Literal["local", "none"] = Field("local", description="local: standardize by each window's mean and std; none: windowed MSE")
+    norm: Literal["local", "none"] = Field("local", description="local: standardize by each window's mean and std; "
+                                                                "none: windowed MSE")
     eps: float = Field(1e-4, gt=0, description="added to the local variances")
     detach_attention: bool = Field(True, description="the attention weights pass no gradient")
 

@@ -79,9 +79,11 @@ class SGNParams(FeatureParams):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the training c (SGN's 0.5)")
     fixed_c: list[float] | None = Field(None, description="one c for every sample, e.g. [1, 0, 0]: a single-loss "
                                                           "student; default (null): drawn per sample")
-    eval_c: list[float] | None = Field(None, description="c of the psnr/ssim metrics; default: fixed_c, else the centre")
+    eval_c: list[float] | None = Field(None, description="c of the psnr/ssim metrics; "
+                                                         "default: fixed_c, else the centre")
     c_seed: int = Field(0, ge=0, description="seeds the per-sample draws of c (with the item index and epoch)")
-    layers: list[str] | None = Field(None, description="module paths gated by c; default: head, the middle and the last body block")
+    layers: list[str] | None = Field(None, description="module paths gated by c; "
+                                                       "default: head, the middle and the last body block")
     embed: int = Field(16, ge=1, description="width of the c embedding ReLU(Linear(c)) in each gate")
     reduction: int = Field(4, ge=1, description="SE bottleneck: a gate's hidden width is max(C // reduction, 4)")
     gate_lr_scale: float = Field(10.0, gt=0, description="the gates' lr as a multiple of the main phase's")
@@ -185,7 +187,8 @@ class SGN(SRMethod):
 
     def _disc_step(self):
         if self._for_disc is None:
-            raise RuntimeError("sgn: phase 'disc' scores the outputs of phase 'main' on the same batch; run 'main' first")
+            raise RuntimeError("sgn: phase 'disc' scores the outputs of phase 'main' on the same batch; "
+                               "run 'main' first")
         fake, real, share = self._for_disc
         self._for_disc = None
         per = per_image((1 - self.disc(real).float()).pow(2)) + per_image(self.disc(fake).float().pow(2))
@@ -200,7 +203,8 @@ class SGN(SRMethod):
         return p.eval_c or p.fixed_c or [1.0 / K] * K
 
     def eval_models(self):
-        """g at eval_c ('' : psnr, ssim) and, for a student trained on drawn c, at each corner, mid-point and the centre."""
+        """g at eval_c ('' : psnr, ssim) and, for a student trained on drawn c, at each corner, mid-point and the
+        centre."""
         out = {"": AtMix(self.student, self.eval_c)}
         if self.params.fixed_c is None:
             out.update({name: AtMix(self.student, c) for name, c in corners_midpoints_centre(K).items()})

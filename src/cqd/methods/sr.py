@@ -75,8 +75,10 @@ class OutputKD(SRMethod):
 
 class FeatureParams(Strict):
     beta: float = Field(1.0, ge=0, description="weight of the feature term")
-    student_layers: list[str] | None = Field(None, description="student module paths; default: `points` evenly spaced body blocks")
-    teacher_layers: list[str] | None = Field(None, description="teacher module paths, one per student layer; default as the student's")
+    student_layers: list[str] | None = Field(None, description="student module paths; "
+                                                              "default: `points` evenly spaced body blocks")
+    teacher_layers: list[str] | None = Field(None, description="teacher module paths, one per student layer; "
+                                                              "default as the student's")
     points: int = Field(2, ge=1, description="number of evenly spaced body blocks tapped when the layers are not given")
 
 

@@ -26,8 +26,10 @@ from cqd.schema import Strict
 
 
 class SymParams(KDParams):
-    k: int | None = Field(None, ge=1, description="K, the number of mixed degradations; default (null): len(data.mix.degradations)")
-    layers: list[str] | None = Field(None, description="module paths gated by c; default: each resolution stage's output")
+    k: int | None = Field(None, ge=1, description="K, the number of mixed degradations; "
+                                                  "default (null): len(data.mix.degradations)")
+    layers: list[str] | None = Field(None, description="module paths gated by c; "
+                                                       "default: each resolution stage's output")
     embed: int = Field(16, ge=1, description="width of the c embedding ReLU(Linear(c)) in each gate")
     reduction: int = Field(4, ge=1, description="SE bottleneck: a gate's hidden width is max(C // reduction, 4)")
 
@@ -61,7 +63,8 @@ class SymCQD(Method):
 
     def forward(self, step):
         logits = self.student(step.pair.z, _c_of(step, self.params.k, "symcqd"))
-        return logits, {"loss_ce": self.ce(logits, step.pair.y), "loss_kd": kd_term(logits, step.teacher_logits, self.params)}
+        return logits, {"loss_ce": self.ce(logits, step.pair.y),
+                        "loss_kd": kd_term(logits, step.teacher_logits, self.params)}
 
     @classmethod
     def eval_views(cls, pair):
@@ -86,11 +89,13 @@ def conditioned_logits(student: torch.nn.Module, z: torch.Tensor, c: torch.Tenso
 
 
 class QualityMixParams(Strict):
-    k: int | None = Field(None, ge=1, description="K, the number of mixed degradations; default (null): len(data.mix.degradations)")
+    k: int | None = Field(None, ge=1, description="K, the number of mixed degradations; "
+                                                  "default (null): len(data.mix.degradations)")
 
 
 def soft_target_kl(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of KL(c || softmax(logits)) = -sum c log p - H(c): the soft cross-entropy less c's entropy."""
+    """Mean over the batch of KL(c || softmax(logits)) = -sum c log p - H(c): the soft cross-entropy less c's
+    entropy."""
     c = c.float()
     return (torch.xlogy(c, c) - c * F.log_softmax(fp32(logits), 1)).sum(1).mean()
 
@@ -106,7 +111,8 @@ class QualityMix(Method):
     @classmethod
     def num_outputs(cls, num_classes: int, params=None) -> int:
         if params is None or params.k is None:
-            raise CQDError("method quality_mix predicts K mix weights: set data.mix (K follows it) or method.quality_mix.k")
+            raise CQDError("method quality_mix predicts K mix weights: set data.mix (K follows it) "
+                           "or method.quality_mix.k")
         return params.k
 
     def forward(self, step):

@@ -111,7 +111,7 @@ def _torchvision(arch: str, num_classes: int, in_chans: int, download: bool) -> 
 
     names = tvm.list_models(module=tvm)
     if arch not in names:
-        raise CQDError(_unknown("torchvision", arch, names, "torchvision.models.list_models()"))
+        raise CQDError(_unknown_arch("torchvision", arch, names, "torchvision.models.list_models()"))
     if not download:
         model = tvm.get_model(arch, weights=None, num_classes=num_classes)
         if in_chans != 3:
@@ -144,7 +144,7 @@ def _timm(arch: str, num_classes: int, in_chans: int, download: bool) -> nn.Modu
     import timm
 
     if ":" not in arch and not timm.is_model(arch):
-        raise CQDError(_unknown("timm", arch, timm.list_models(), "timm.list_models()"))
+        raise CQDError(_unknown_arch("timm", arch, timm.list_models(), "timm.list_models()"))
     if not download:
         return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
     try:
@@ -159,7 +159,7 @@ def _timm(arch: str, num_classes: int, in_chans: int, download: bool) -> nn.Modu
         raise CQDError(_no_weights(f"timm:{arch}", exc, where)) from exc
 
 
-def _unknown(library: str, arch: str, names: Iterable[str], lister: str) -> str:
+def _unknown_arch(library: str, arch: str, names: Iterable[str], lister: str) -> str:
     close = difflib.get_close_matches(arch, list(names), n=5, cutoff=0.6)
     hint = f" Close names: {', '.join(close)}." if close else ""
     return f"Unknown {library} model {arch!r}.{hint} See {lister} for all."
@@ -296,3 +296,19 @@ def _few(keys: list[str]) -> str:
     more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
     return ", ".join(keys[:_SHOW]) + more
 
+
+def check_model_name(name: str) -> str:
+    """A config field's validator: a built-in model name (with valid keys, `edsr:blocks=8`) is checked now;
+    `tv:NAME` / `timm:NAME` when the model is built. Else a ValueError naming what is known."""
+    source = name.partition(":")[0]
+    if source in ("tv", "timm"):
+        return name
+    if ":" in name and source not in MODELS:
+        raise ValueError(f"unknown model source {source!r} in {name!r}; use 'tv:NAME', 'timm:NAME' or a built-in name")
+    try:
+        MODELS.get(source)
+        builtin_spec(name)
+    except CQDError as e:
+        hint = "" if ":" in name else " Torchvision and timm models are named 'tv:NAME' and 'timm:NAME'."
+        raise ValueError(f"{e}{hint}") from None
+    return name

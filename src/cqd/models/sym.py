@@ -4,7 +4,8 @@ SGN (Chang et al., ICCV 2019) conditions its generator on c with SE-style gates 
 features * sigmoid(FC(FC([avgpool(features), ReLU(Linear(c))]))). `SymNet(net, k, gates)` wraps a built-in,
 `tv:` or `timm:` model: each gated layer (a module path, as for feature taps) gets a forward hook that
 replaces its output by the gated output, so neither the model's code nor its module paths change, and
-`SymNet(x, c)` runs the net with c visible to every gate. `sym_net(net, k, layers, sample)` sizes the gates by probing the layers' outputs.
+`SymNet(x, c)` runs the net with c visible to every gate. `sym_net(net, k, layers, sample)` sizes the gates by
+probing the layers' outputs.
 
 Our choices where SGN's paper gives none (keys of the methods that use it, e.g. `method.symcqd`):
   form       g = 2 * sigmoid(W2 ReLU(W1 [avgpool(F), ReLU(E c)] + b1) + b2), F * g. W2 and b2 start at 0, so
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cqd.errors import ConfigError, CQDError
-from cqd.models.taps import FeatureTaps, _eval_forward, feature_maps
+from cqd.models.taps import FeatureTaps, eval_forward, feature_maps
 
 
 class SymGate(nn.Module):
@@ -88,7 +89,8 @@ class SymNet(nn.Module):
             raise ConfigError(f"a sym-parameter network needs K >= 1 mix components, got {k}")
         if not gates:
             raise ConfigError("a sym-parameter network needs at least one gated layer")
-        self.k, self.sym_spec = k, {"k": k, "gates": {n: list(v) for n, v in gates.items()}, "embed": embed, "reduction": reduction}
+        self.k, self.sym_spec = k, {"k": k, "gates": {n: list(v) for n, v in gates.items()}, "embed": embed,
+                                    "reduction": reduction}
         self._ctx = _Context()
         modules = dict(net.named_modules())
         self.net = net
@@ -135,9 +137,9 @@ class AtMix(nn.Module):
 
 
 def _no_layer(net: nn.Module, name: str) -> ConfigError:
-    from cqd.models.taps import _unknown
+    from cqd.models.taps import unknown_layer
 
-    return _unknown(net, name, "a sym gate")
+    return unknown_layer(net, name, "a sym gate")
 
 
 @torch.no_grad()
@@ -146,7 +148,8 @@ def stage_outputs(net: nn.Module, sample: Tensor) -> list[str]:
     layer's 4-D map (larger than 1x1) that another layer takes in and returns at another spatial size (the
     map just before each downsampling), and the last such map of the net; each is named by the shallowest
     module path that outputs it."""
-    seen = [(n, i, t) for n, _, i, t in feature_maps(net, sample) if t.shape[-1] * t.shape[-2] > 1]  # (name, input, output)
+    # (name, input, output)
+    seen = [(n, i, t) for n, _, i, t in feature_maps(net, sample) if t.shape[-1] * t.shape[-2] > 1]
     if not seen:
         raise ConfigError(f"{type(net).__name__} gives no 4-D feature map larger than 1x1 on a "
                           f"{tuple(sample.shape[-2:])} input; name the gated layers explicitly (e.g. "
@@ -168,7 +171,7 @@ def sym_net(net: nn.Module, k: int, layers: list[str] | None, sample: Tensor, em
     layers = list(layers) if layers else stage_outputs(net, sample)
     taps = FeatureTaps(net, layers, "a sym gate")
     try:
-        _eval_forward(net, sample)
+        eval_forward(net, sample)
     finally:
         taps.remove()
     gates = {}

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from cqd.errors import ConfigError
 
-def _unknown(model: nn.Module, name: str, what: str) -> ConfigError:
+
+def unknown_layer(model: nn.Module, name: str, what: str) -> ConfigError:
     names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(name, names, n=3)
     shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
@@ -30,7 +31,7 @@ class FeatureTaps:
         modules = dict(model.named_modules())
         for name in names:
             if name not in modules or not name:
-                raise _unknown(model, name, what)
+                raise unknown_layer(model, name, what)
         self.names = list(names)
         self.out: dict[str, Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._keep(n)) for n in self.names]
@@ -61,7 +62,7 @@ def feature_maps(model: nn.Module, sample: Tensor) -> list[tuple[str, nn.Module,
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
-        _eval_forward(model, sample)
+        eval_forward(model, sample)
     finally:
         for h in handles:
             h.remove()
@@ -83,7 +84,7 @@ def last_feature_map(model: nn.Module, sample: Tensor) -> str:
 
 
 @torch.no_grad()
-def _eval_forward(model: nn.Module, sample: Tensor) -> None:
+def eval_forward(model: nn.Module, sample: Tensor) -> None:
     """One forward in eval mode (BatchNorm statistics untouched), the model's mode restored after."""
     was = model.training
     try:
@@ -99,7 +100,7 @@ def probe(model: nn.Module, layer: str | None, sample: Tensor, what: str) -> tup
     layer = layer or last_feature_map(model, sample)
     taps = FeatureTaps(model, [layer], what)
     try:
-        _eval_forward(model, sample)
+        eval_forward(model, sample)
     finally:
         taps.remove()
     return layer, taps.out[layer].shape

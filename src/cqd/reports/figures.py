@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from cqd.data.paired import PairMaker  # noqa: E402
 
 
-def _show(ax, img: torch.Tensor) -> None:
+def show_image(ax, img: torch.Tensor) -> None:
     img = img.detach().float().cpu().clamp(0, 1)
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -28,7 +28,8 @@ def degradation_grid(dataset, specs: list[str], out: str | Path, n: int = 8, hq_
     """A row of high-quality images, then one row per degradation (boxes drawn where T reports one)."""
     lq_views = lq_views or {}
     idx = list(range(min(n, len(dataset))))
-    batch = {k: torch.stack([torch.as_tensor(dataset[i][k]) for i in idx]) for k in ("full", "crop", "box", "label", "index")}
+    batch = {k: torch.stack([torch.as_tensor(dataset[i][k]) for i in idx])
+             for k in ("full", "crop", "box", "label", "index")}
     rows = []
     for spec in specs:
         maker = PairMaker(spec, hq_view=hq_view, lq_view=lq_views.get(spec, "full"), seed=seed)
@@ -40,7 +41,7 @@ def degradation_grid(dataset, specs: list[str], out: str | Path, n: int = 8, hq_
     for r, (title, imgs, boxes) in enumerate(rows):
         for c in range(len(idx)):
             ax = axes[r][c]
-            _show(ax, imgs[c])
+            show_image(ax, imgs[c])
             h, w = imgs.shape[-2:]
             if boxes is not None and boxes[c].tolist() != [0, 0, w, h]:
                 x0, y0, x1, y1 = boxes[c].tolist()

@@ -21,14 +21,20 @@ from typing import Any
 
 import yaml
 
-from cqd.config import GridConfig, RunConfig, SearchRange, TuneConfig, _dotted, apply_overrides, run_config
-from cqd.engine.checkpoint import save_json, save_text, weight_settings
+from cqd.config import apply_overrides, dotted
+from cqd.engine.checkpoint import weight_settings
 from cqd.engine.model_files import MODEL
-from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.engine.schema import RunConfig, run_config
+from cqd.engine.teachers import teacher_run_config
 from cqd.errors import ConfigError, TrainingDiverged
+from cqd.experiments.schema import GridConfig, SearchRange, TuneConfig
+from cqd.files import save_json, save_text
+from cqd.methods import METHODS
+from cqd.tasks import TASKS
 
 OBJECTIVE = "val_acc_lq"  # top-1 of g on z, on the validation items
-BEST, TRIALS_CSV, HISTORY_PNG, IMPORTANCE_PNG = "best.yaml", "trials.csv", "optimization_history.png", "param_importances.png"
+BEST, TRIALS_CSV, HISTORY_PNG, IMPORTANCE_PNG = ("best.yaml", "trials.csv", "optimization_history.png",
+                                                 "param_importances.png")
 
 
 def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0) -> dict:
@@ -41,14 +47,15 @@ def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=tc.study_name or tc.name, storage=storage(tc), load_if_exists=True,
                                 direction="maximize", pruner=optuna.pruners.MedianPruner(
-                                    n_startup_trials=tc.pruner.n_startup_trials, n_warmup_steps=tc.pruner.n_warmup_steps))
-    # a call that joins or continues a study must not repeat the first call's draws: offset the seed by the trials so far;
-    # constant_liar: a running trial (of any process) counts as a poor result, so parallel trials spread out
+                                    n_startup_trials=tc.pruner.n_startup_trials,
+                                    n_warmup_steps=tc.pruner.n_warmup_steps))
+    # a call that joins or continues a study must not repeat the first call's draws: offset the seed by the trials
+    # so far; constant_liar: a running trial (of any process) counts as a poor result, so parallel trials spread out
     study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials), constant_liar=True,
                                                n_startup_trials=tc.startup_trials)
     if tc.n_trials <= tc.startup_trials:
-        log(f"note: n_trials={tc.n_trials} <= startup_trials={tc.startup_trials}: TPE draws every trial of this study at "
-            "random (its start-up phase); raise n_trials or lower startup_trials for TPE's model to choose")
+        log(f"note: n_trials={tc.n_trials} <= startup_trials={tc.startup_trials}: TPE draws every trial of this "
+            "study at random (its start-up phase); raise n_trials or lower startup_trials for TPE's model to choose")
     same_study(study, tc)
     save_json(tc.model_dump(mode="json"), out / "tune.json")
     base = shared_teachers(tc, log, poll_s)
@@ -64,8 +71,9 @@ def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0
 
 
 # Base settings that may differ between the calls and machines of one study: they do not change a trial's result.
-_NOT_THE_STUDY = ("name", "out_dir", "cache_dir", "data.root", "data.num_workers", "data.twin_cache_mb", "train.progress",
-                  "train.accelerator", "train.strategy", "train.feature_cache_mb")
+_NOT_THE_STUDY = ("name", "out_dir", "cache_dir", "data.root", "data.num_workers", "data.twin_cache_mb",
+                  "train.progress", "train.accelerator", "train.strategy", "train.feature_cache_mb",
+                  "train.check_every", "plugins")
 
 
 def same_study(study, tc: TuneConfig) -> None:
@@ -79,11 +87,14 @@ def same_study(study, tc: TuneConfig) -> None:
     if saved is None:
         study.set_user_attr("settings", settings)
         return
-    # the sr section does not touch a classification trial (its defaults may change between versions)
+    # another task's section does not touch this study's trials (studies started before each task owned its
+    # section recorded the sr section's defaults in classification studies)
+    other = set(TASKS.names()) - {tc.base.task}
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k)
-                  and not (tc.base.task != "sr" and k.startswith("sr.")))
+                  and k.split(".")[0] not in other)
     if diff:
-        shown = ", ".join(f"{'' if k == 'search' else 'base.'}{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in diff[:3])
+        shown = ", ".join(f"{'' if k == 'search' else 'base.'}{k}={saved.get(k)!r} (now {settings.get(k)!r})"
+                          for k in diff[:3])
         raise ConfigError(f"study {study.study_name!r} was started with {shown}{' and more' if len(diff) > 3 else ''}; "
                           "continue it with the same settings, or start another study (study_name or out_dir)")
 
@@ -113,13 +124,14 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
     `<out_dir>/tune/<column>/<row>`, whose best.yaml the row's cells then read. A study's trials train the cell
     as the grid would (the row's settings, the column's twins) against the grid's own teacher of that seed,
     trained here once if the grid has not yet. Start the same command in several processes to share the studies."""
-    from cqd.engine.grid import cell_config, shared_teacher
+    from cqd.experiments.grid import cell_config, shared_teacher
 
     out, seed, reports = Path(grid.out_dir), grid.seeds[0], {}
     rows = [r for r in grid.rows if r.tune]
     if not rows:
         raise ConfigError("this grid has no row to tune: give a row a search space, e.g. "
-                          "{id: cqd_tuned, set: {method.name: cqd}, tune: {train.lr: {low: 0.01, high: 0.3, log: true}}}")
+                          "{id: cqd_tuned, set: {method.name: cqd}, "
+                          "tune: {train.lr: {low: 0.01, high: 0.3, log: true}}}")
     for column in grid.columns:
         for row in rows:
             cfg = cell_config(grid, column, row, seed, out, tuned=False)
@@ -127,7 +139,8 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
             where = out / "tune" / column / row.id
             tc = TuneConfig(name=f"{grid.name}/{column}/{row.id}", out_dir=str(where), base=cfg, search=row.tune,
                             **grid.tune.model_dump())
-            log(f"tuning row {row.id!r} in column {column!r}: {', '.join(row.tune)} ({grid.tune.n_trials} trials, seed {seed})")
+            log(f"tuning row {row.id!r} in column {column!r}: {', '.join(row.tune)} "
+                f"({grid.tune.n_trials} trials, seed {seed})")
             reports.setdefault(column, {})[row.id] = tune(tc, log, poll_s)
     return reports
 
@@ -141,12 +154,13 @@ def shared_teachers(tc: TuneConfig, log: Callable[[str], None], poll_s: float) -
     return cfg.model_dump()
 
 
-def train_teachers(cfg: RunConfig, teacher_run: Callable[[int], RunConfig], log: Callable[[str], None], poll_s: float) -> None:
+def train_teachers(cfg: RunConfig, teacher_run: Callable[[int], RunConfig], log: Callable[[str], None],
+                   poll_s: float) -> None:
     """Point each teacher of `cfg` without a checkpoint at its model.pt, training teacher k's run `teacher_run(k)`
     first (or waiting while another process trains it)."""
-    from cqd.engine.grid import holder, run_cell
+    from cqd.experiments.grid import holder, run_cell
 
-    if not needs_teacher(cfg):
+    if not METHODS.get(cfg.method.name).needs_teacher(cfg):
         return
     for k, t in enumerate(cfg.teacher_list):
         if t.checkpoint is None:
@@ -168,14 +182,15 @@ def suggest(trial, key: str, r: SearchRange) -> Any:
 def trial_config(base: dict, tc: TuneConfig, params: dict[str, Any], number: int) -> RunConfig:
     """The base run with the trial's values, in `<out_dir>/trials/NNNN`."""
     where = {"name": f"{tc.name}/trial{number:04d}", "out_dir": str(Path(tc.out_dir) / "trials" / f"{number:04d}")}
-    return run_config(apply_overrides(base, _dotted({**params, **where})))
+    return run_config(apply_overrides(base, dotted({**params, **where})))
 
 
 def objective(trial, tc: TuneConfig, base: dict) -> float:
-    """Train one trial; its value is the last val top-1 on z. Raises optuna.TrialPruned when the pruner stopped it early."""
+    """Train one trial; its value is the last val top-1 on z. Raises optuna.TrialPruned when the pruner stopped it
+    early."""
     import optuna
 
-    from cqd.engine.trainer import train
+    from cqd.experiments.rounds import train
 
     cfg = trial_config(base, tc, {key: suggest(trial, key, r) for key, r in tc.search.items()}, trial.number)
     trial.set_user_attr("out_dir", cfg.out_dir)
@@ -183,7 +198,8 @@ def objective(trial, tc: TuneConfig, base: dict) -> float:
     result = train(cfg, on_epoch=pruning_callback(trial))
     epochs = len(result["history"])
     if epochs < cfg.train.epochs:  # stopped by the pruner (a trial that ran all its epochs is complete)
-        raise optuna.TrialPruned(f"{cfg.name}: pruned after epoch {epochs} of {cfg.train.epochs} ({OBJECTIVE}={result[OBJECTIVE]:.4f})")
+        raise optuna.TrialPruned(f"{cfg.name}: pruned after epoch {epochs} of {cfg.train.epochs} "
+                                 f"({OBJECTIVE}={result[OBJECTIVE]:.4f})")
     return result[OBJECTIVE]
 
 
@@ -225,14 +241,15 @@ def write_report(study, tc: TuneConfig, log: Callable[[str], None] = print) -> d
     save_text(study.trials_dataframe().to_csv(index=False), out / TRIALS_CSV)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    report = {"study": study.study_name, "trials": {k: v for k, v in states.items() if v}, "best": None, "out_dir": str(out)}
+    report = {"study": study.study_name, "trials": {k: v for k, v in states.items() if v}, "best": None,
+              "out_dir": str(out)}
     if not complete:
         log(f"no completed trial yet: {BEST} not written")
     else:
         best = study.best_trial
         base = out / "base.yaml"
         save_text(yaml.safe_dump(tc.base.model_dump(mode="json"), sort_keys=False), base)
-        overrides = " ".join(_dotted(best.params))
+        overrides = " ".join(dotted(best.params))
         header = (f"# The best of study {study.study_name!r}: {OBJECTIVE}={best.value:.4f} (trial {best.number}, "
                   f"{best.user_attrs.get('out_dir')}), chosen on the validation split.\n"
                   f"# Train with it: cqd train --config {base} {overrides}\n")
@@ -245,7 +262,8 @@ def write_report(study, tc: TuneConfig, log: Callable[[str], None] = print) -> d
         if len(complete) >= 2:
             _save(plots.plot_param_importances(study), out / IMPORTANCE_PNG, plt)
         else:
-            log(f"parameter importance needs 2 completed trials, the study has {len(complete)}: {IMPORTANCE_PNG} not written")
+            log(f"parameter importance needs 2 completed trials, the study has {len(complete)}: "
+                f"{IMPORTANCE_PNG} not written")
     save_json(report, out / "tune_result.json")
     return report
 

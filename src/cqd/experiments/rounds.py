@@ -7,23 +7,25 @@ run itself (`<out_dir>/model.pt`, `result.json`). With `--resume` a finished rou
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from cqd.engine.model_files import MODEL
+from cqd.engine.trainer import RESULT, run_config
+from cqd.engine.trainer import train as train_one
+from cqd.methods import METHODS
 
 
 def rounds_of(cfg) -> int:
-    return getattr(cfg.method.params, "rounds", 1)
+    return METHODS.get(cfg.method.name).rounds(cfg.method.params)
 
 
 def round_config(cfg, r: int):
     """The run config of round r (1-based) of `cfg`'s R rounds."""
-    from cqd.config import TeacherConfig
+    from cqd.engine.schema import TeacherConfig
 
     R, out = rounds_of(cfg), Path(cfg.out_dir)
     c = cfg.model_copy(deep=True)
-    setattr(c.method, c.method.name, cfg.method.params.next_round(first=r == 1))
+    setattr(c.method, c.method.name, METHODS.get(cfg.method.name).round_params(cfg.method.params, first=r == 1))
     if r < R:
         c.out_dir, c.name = str(out / f"round{r}"), f"{cfg.name}-round{r}"
     if r > 1:
@@ -35,13 +37,16 @@ def round_config(cfg, r: int):
     return c
 
 
-def train_rounds(cfg, train_one: Callable, resume: bool, fabric, on_epoch) -> dict:
-    """Train every round in order (round R's result is returned); finished rounds are skipped on resume."""
-    from cqd.engine.trainer import RESULT
-
+def train(cfg, resume: bool = False, fabric=None, on_epoch=None) -> dict:
+    """Train one configured run (`cqd train`): one run of the engine, or a sequential method's R rounds in
+    order (round R's result is returned; finished rounds are skipped on resume)."""
+    cfg = run_config(cfg)
+    if rounds_of(cfg) == 1:
+        return train_one(cfg, resume=resume, fabric=fabric, on_epoch=on_epoch)
     for r in range(1, rounds_of(cfg) + 1):
         c = round_config(cfg, r)
-        if r < rounds_of(cfg) and resume and (Path(c.out_dir) / RESULT).is_file() and (Path(c.out_dir) / MODEL).is_file():
+        if (r < rounds_of(cfg) and resume and (Path(c.out_dir) / RESULT).is_file()
+                and (Path(c.out_dir) / MODEL).is_file()):
             continue
         res = train_one(c, resume=resume, fabric=fabric, on_epoch=on_epoch)
     return res

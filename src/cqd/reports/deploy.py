@@ -14,7 +14,7 @@ import os
 import statistics
 from pathlib import Path
 
-from cqd.engine.checkpoint import save_json, save_text
+from cqd.files import save_json, save_text
 
 
 def _stat(values: list[float]) -> str:
@@ -24,10 +24,54 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
 
 
-def deploy_report(cells, grid, out: Path, log=print) -> str:
-    """Markdown (and deploy.json in `out`) of sizes, latencies and gains; '' when another process holds the lock."""
+def _measure_rows(grid, acc: dict, folder: Path, log) -> list[dict]:
+    """Form, size, CPU latencies and top-1s of each row's first-seed model in each column; a model is exported to
+    ONNX in `folder` unless its file there is newer than the model.pt."""
     from cqd.export import export_model, latency_ms, runner
 
+    d = grid.deploy
+    first = grid.seeds[0]
+    rows = []
+    for column in grid.columns:
+        for row in grid.rows:
+            res = acc.get((column, row.id, first))
+            if res is None:
+                continue
+            model_pt = Path(res["config"]["out_dir"]) / "model.pt"
+            target = folder / column / f"{row.id}.onnx"
+            if not (target.is_file() and target.stat().st_mtime > model_pt.stat().st_mtime):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                log(f"deployment report: exporting {column}/{row.id} ({model_pt})")
+                info = export_model(model_pt, "onnx", target)
+                save_json(info, target.with_suffix(".json"))
+            info = json.loads(target.with_suffix(".json").read_text())
+            size = res["config"]["data"]["image_size"]
+            chw = (_in_chans(model_pt), size, size)
+            run = runner(target, "onnx", threads=d.threads)
+            ms = {b: latency_ms(run, chw, b, d.repeats) for b in d.batches}
+            tops = [100 * acc[(column, row.id, s)]["acc_lq"] for s in grid.seeds if (column, row.id, s) in acc]
+            m = {"column": column, "row": row.id, "label": row.label or row.id, "form": info["form"],
+                 "params": res.get("params"), "onnx_bytes": info["bytes"],
+                 "model_pt_bytes": model_pt.stat().st_size,
+                 "latency_ms": {str(b): v for b, v in ms.items()}, "top1": tops, "check": info.get("check")}
+            rows.append(m)
+    return rows
+
+
+def _gains(grid, acc: dict) -> list[dict]:
+    """Per pair (twin, distilled) and column, the distilled row's gain over its twin in top-1 points on z, per seed
+    that both have."""
+    gains = []
+    for twin, distilled in grid.deploy.pairs:
+        for column in grid.columns:
+            per_seed = [100 * (acc[(column, distilled, s)]["acc_lq"] - acc[(column, twin, s)]["acc_lq"])
+                        for s in grid.seeds if (column, distilled, s) in acc and (column, twin, s) in acc]
+            gains.append({"twin": twin, "distilled": distilled, "column": column, "gain_per_seed": per_seed})
+    return gains
+
+
+def deploy_report(cells, grid, out: Path, log=print) -> str:
+    """Markdown (and deploy.json in `out`) of sizes, latencies and gains; '' when another process holds the lock."""
     d = grid.deploy
     folder = out / "deploy"
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,37 +85,8 @@ def deploy_report(cells, grid, out: Path, log=print) -> str:
         os.write(fd, json.dumps({"pid": os.getpid()}).encode())
         os.close(fd)
         acc = {(c.column, c.row, c.cfg.seed): res for c, res in cells if res is not None and c.row is not None}
-        first = grid.seeds[0]
-        rows, measured = [], {}
-        for column in grid.columns:
-            for row in grid.rows:
-                res = acc.get((column, row.id, first))
-                if res is None:
-                    continue
-                model_pt = Path(res["config"]["out_dir"]) / "model.pt"
-                target = folder / column / f"{row.id}.onnx"
-                if not (target.is_file() and target.stat().st_mtime > model_pt.stat().st_mtime):
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    log(f"deployment report: exporting {column}/{row.id} ({model_pt})")
-                    info = export_model(model_pt, "onnx", target)
-                    save_json(info, target.with_suffix(".json"))
-                info = json.loads(target.with_suffix(".json").read_text())
-                size = res["config"]["data"]["image_size"]
-                chw = (_in_chans(model_pt), size, size)
-                run = runner(target, "onnx", threads=d.threads)
-                ms = {b: latency_ms(run, chw, b, d.repeats) for b in d.batches}
-                tops = [100 * acc[(column, row.id, s)]["acc_lq"] for s in grid.seeds if (column, row.id, s) in acc]
-                m = {"column": column, "row": row.id, "label": row.label or row.id, "form": info["form"],
-                     "params": res.get("params"), "onnx_bytes": info["bytes"], "model_pt_bytes": model_pt.stat().st_size,
-                     "latency_ms": {str(b): v for b, v in ms.items()}, "top1": tops, "check": info.get("check")}
-                measured[(column, row.id)] = m
-                rows.append(m)
-        gains = []
-        for twin, distilled in d.pairs:
-            for column in grid.columns:
-                per_seed = [100 * (acc[(column, distilled, s)]["acc_lq"] - acc[(column, twin, s)]["acc_lq"])
-                            for s in grid.seeds if (column, distilled, s) in acc and (column, twin, s) in acc]
-                gains.append({"twin": twin, "distilled": distilled, "column": column, "gain_per_seed": per_seed})
+        rows = _measure_rows(grid, acc, folder, log)
+        gains = _gains(grid, acc)
         save_json({"threads": d.threads, "repeats": d.repeats, "batches": d.batches, "rows": rows, "gains": gains},
                   out / "deploy.json")
         md = _markdown(grid, rows, gains)
@@ -99,15 +114,18 @@ def _markdown(grid, rows: list[dict], gains: list[dict]) -> str:
         top = f"{statistics.fmean(t):.2f} ± {statistics.stdev(t) if len(t) > 1 else 0.0:.2f}" if t else "-"
         lat = " | ".join(f"{m['latency_ms'][str(b)]:.2f}" for b in d.batches)
         label = grid.columns[m["column"]].label or m["column"]
-        lines.append(f"| {label} | {m['label']} | {top} | {m['params']:,} | {m['onnx_bytes'] / 1024:.0f} | {m['form']} | {lat} |")
+        lines.append(f"| {label} | {m['label']} | {top} | {m['params']:,} | {m['onnx_bytes'] / 1024:.0f} | "
+                     f"{m['form']} | {lat} |")
     if gains:
         cols = list(grid.columns)
-        lines += ["\n## Distillation gain (distilled row - its lambda-0 twin, top-1 points on z, mean ± std over seeds)\n",
+        lines += ["\n## Distillation gain (distilled row - its lambda-0 twin, top-1 points on z, "
+                  "mean ± std over seeds)\n",
                   "| pair | " + " | ".join(grid.columns[c].label or c for c in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         label = {r.id: r.label or r.id for r in grid.rows}
         for twin, distilled in d.pairs:
-            cells = [_stat(next(g["gain_per_seed"] for g in gains if (g["twin"], g["distilled"], g["column"]) == (twin, distilled, c)))
+            cells = [_stat(next(g["gain_per_seed"] for g in gains
+                                if (g["twin"], g["distilled"], g["column"]) == (twin, distilled, c)))
                      for c in cols]
             lines.append(f"| {label[distilled]} vs {label[twin]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

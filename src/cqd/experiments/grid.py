@@ -22,13 +22,17 @@ from typing import Callable
 import yaml
 from pydantic import ValidationError
 
-from cqd.config import GridConfig, RowConfig, RunConfig, _format
-from cqd.engine.checkpoint import save_json, weight_settings
+from cqd.config import format_errors
+from cqd.engine.checkpoint import weight_settings
 from cqd.engine.model_files import MODEL
-from cqd.engine.tasks import result_of, task_of
-from cqd.engine.teachers import needs_teacher, teacher_run_config
+from cqd.engine.schema import RunConfig
+from cqd.engine.teachers import teacher_run_config
 from cqd.engine.trainer import RESULT
 from cqd.errors import ConfigError
+from cqd.experiments.schema import GridConfig, RowConfig
+from cqd.files import save_json
+from cqd.methods import METHODS
+from cqd.tasks import task_of
 
 TEACHER_ROW = "hq"  # the row that evaluates the shared teacher f (A -> A and A -> B) instead of training
 
@@ -121,11 +125,13 @@ def tuned_values(row: RowConfig, column: str) -> dict | None:
     if not path.is_file():
         how = ("run `cqd tune` on this grid config first (it tunes every row with `tune:` in every column)" if row.tune
                else "point `tuned:` at the best.yaml that `cqd tune` wrote")
-        raise ConfigError(f"row {row.id!r} in column {column!r} uses tuned settings from {path}, which does not exist: {how}")
+        raise ConfigError(f"row {row.id!r} in column {column!r} uses tuned settings from {path}, "
+                          f"which does not exist: {how}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"row {row.id!r}: {path} is not valid YAML ({e}); rerun `cqd tune` to write it again") from None
+        raise ConfigError(f"row {row.id!r}: {path} is not valid YAML ({e}); "
+                          "rerun `cqd tune` to write it again") from None
     if not isinstance(data, dict):
         raise ConfigError(f"row {row.id!r}: {path} should hold config keys (a mapping), as `cqd tune` writes it")
     return flatten(data)
@@ -139,7 +145,7 @@ def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: P
         cfg = grid.cell(column, row, seed, values)
     except ValidationError as e:
         raise ConfigError(f"row {row.id!r} in column {column!r} with its tuned settings {row.tuned}: "
-                          + _format(e, "", RunConfig).split(":\n", 1)[-1].strip()) from None
+                          + format_errors(e, "", type(grid.base)).split(":\n", 1)[-1].strip()) from None
     cfg.name = f"{column}/{row.id}/s{seed}"
     cfg.out_dir = str(out / "cells" / column / row.id / f"s{seed}")
     cfg.cache_dir = str(out / "cache")
@@ -150,11 +156,14 @@ def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: P
 _NOT_THE_TEACHER = ("name", "out_dir", "cache_dir", "seed", "data.degradation", "data.lq_view", "data.twin_cache_mb",
                     "data.num_workers", "train.progress", "train.eval_every", "train.cache_teacher",
                     "train.feature_cache_mb", "data.hq_view", "data.hq_degradation", "data.mix",
-                    "sr.test")
+                    "sr.test", "train.check_every")
 
 
 def _teacher_digest(tcfg: RunConfig) -> str:
     keep = {k: v for k, v in weight_settings(tcfg.model_dump()).items() if k not in _NOT_THE_TEACHER}
+    if not keep.get("plugins"):  # a key added later: absent from earlier digests while unused
+        keep.pop("plugins", None)
+    keep.update(task_of(tcfg).legacy_digest)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -181,7 +190,8 @@ def _evaluates_a_teacher(row: RowConfig, teacher_method: str = TEACHER_ROW) -> b
     {method.name: hq, teacher: {model: resnet14}}}`): f is evaluated on the column's views, not trained
     again (a row that also sets the student's keys trains a network on x)."""
     keys = set(row.set) - {"method.name"}
-    return row.set.get("method.name") == teacher_method and all(k.split(".")[0] in ("teacher", "teachers") for k in keys)
+    return (row.set.get("method.name") == teacher_method
+            and all(k.split(".")[0] in ("teacher", "teachers") for k in keys))
 
 
 def plan(grid: GridConfig, out: Path) -> list[Cell]:
@@ -194,7 +204,7 @@ def plan(grid: GridConfig, out: Path) -> list[Cell]:
             for row in grid.rows:
                 cfg = cell_config(grid, column, row, seed, out)
                 evaluates_f = _evaluates_a_teacher(row, task_of(cfg).teacher_method)  # sr: sr_teacher
-                if evaluates_f or needs_teacher(cfg):
+                if evaluates_f or METHODS.get(cfg.method.name).needs_teacher(cfg):
                     for k, t in enumerate(cfg.teacher_list):
                         if t.checkpoint is None:
                             tcfg = shared_teacher(grid, column, row, seed, k, out)
@@ -213,7 +223,7 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dic
     written since, e.g. by another process of the same forced grid, counts as done.
     """
     from cqd.engine.evaluate import evaluate_saved
-    from cqd.engine.trainer import train
+    from cqd.experiments.rounds import train
 
     out = Path(cfg.out_dir)
     result = out / RESULT
@@ -236,7 +246,7 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dic
         t0 = time.perf_counter()
         teacher_result = json.loads((Path(cfg.teacher.checkpoint).parent / RESULT).read_text())
         res = evaluate_saved(cfg.teacher.checkpoint, cfg)
-        res = {**teacher_result, "name": cfg.name, "degradation": cfg.data.degradation, **result_of(cfg, res),
+        res = {**teacher_result, "name": cfg.name, "degradation": cfg.data.degradation, **task_of(cfg).result(res),
                "eval_s": time.perf_counter() - t0, "config": cfg.model_dump()}
         save_json(res, result)
         return res

@@ -3,7 +3,7 @@
 T is the usual SR protocol's: each HR image is cropped to a multiple of `sr.scale` ("modcrop"), then
 downsampled once with PIL's bicubic (a = -0.5, antialiased) and rounded to uint8, as the LR images of
 DIV2K/Set5 were made. The bicubic baseline is PIL's bicubic upsampling of that LR image. Training
-crops random aligned patches on the device (see `cqd.engine.sr.PatchMaker`); evaluation uses whole
+crops random aligned patches on the device (see `cqd.tasks.sr.pipeline.PatchMaker`); evaluation uses whole
 images.
 
 Sources: `skimage` (the sample images scikit-image ships, no download; the default) and `folder`
@@ -35,18 +35,21 @@ class SRConfig(Strict):
     """Settings of task `sr` (read only when `task: sr`)."""
 
     scale: Literal[2, 3, 4] = Field(4, description="upscaling factor: LR = bicubic downsampling of HR by this")
-    patch: int = Field(24, ge=8, le=512, description="side of a training patch in LR pixels (EDSR: 48, with larger images); HR patch = patch * scale")
+    patch: int = Field(24, ge=8, le=512, description="side of a training patch in LR pixels "
+                                                     "(EDSR: 48, with larger images); HR patch = patch * scale")
     patches_per_epoch: int = Field(1600, ge=1, description="training patches per epoch (each image equally often)")
     augment: bool = Field(True, description="random flips and 90-degree rotations of the training patches")
     source: Literal["skimage", "folder"] = Field("skimage", description="skimage: scikit-image's sample images "
                                                  "(offline); folder: image files under root/<each name>")
-    root: str | None = Field(None, description="folder source: the folder holding the train and test folders; default data.root (--data-dir)")
+    root: str | None = Field(None, description="folder source: the folder holding the train and test folders; "
+                                               "default data.root (--data-dir)")
     train: list[str] = Field(["hubble_deep_field", "retina", "stereo_motorcycle", "colorwheel", "logo", "brick",
                               "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page", "text"],
                              min_length=1, description="skimage: image names; folder: folders under root")
     test: list[str] = Field(["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry"], min_length=1,
                             description="held-out images (skimage names) or folders (under root)")
-    teacher_epochs: int | None = Field(None, ge=1, description="epochs of the teacher's own training run; default train.epochs")
+    teacher_epochs: int | None = Field(None, ge=1, description="epochs of the teacher's own training run; "
+                                                              "default train.epochs")
 
     @model_validator(mode="after")
     def _names(self) -> "SRConfig":
@@ -58,7 +61,8 @@ class SRConfig(Strict):
                                      f"images: {', '.join(SKIMAGE_IMAGES)}")
             both = sorted(set(self.train) & set(self.test))
             if both:
-                raise ValueError(f"sr.train and sr.test share {', '.join(both)}: held-out images must not be trained on")
+                raise ValueError(f"sr.train and sr.test share {', '.join(both)}: "
+                                 "held-out images must not be trained on")
         return self
 
 
@@ -103,7 +107,9 @@ def load_images(cfg: SRConfig, split: str, root: str | None = None) -> list[tupl
         for p in files:
             try:
                 with Image.open(p) as im:
-                    out.append((str(p.relative_to(root)), _rgb(np.asarray(im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")), str(p))))
+                    out.append((str(p.relative_to(root)),
+                                _rgb(np.asarray(im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")),
+                                     str(p))))
             except OSError as e:
                 raise DataError(f"cannot read {p}: {e}") from None
     return out

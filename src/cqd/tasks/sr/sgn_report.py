@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqd.reports.sr_table import _fmt, _stat, row_labels, save_panels
 from cqd.sym import corners_midpoints_centre
+from cqd.tasks.sr.report_parts import fmt, row_labels, save_panels, stat
 
 FIGURE = "sgn.png"
 NAMES = ("L1", "adv", "KD")  # c's components, in the order of cqd.methods.sgn.LOSSES
@@ -59,13 +59,14 @@ def summarize(cells, grid) -> dict:
         for name in points():
             table[name] = {}
             for row, _ in mixed:
-                got = [(res[(column, row, s)].get("history") or [{}])[-1] for s in grid.seeds if (column, row, s) in res]
-                table[name][row] = {k: _stat([h[f"{name}/{k}"] for h in got if h.get(f"{name}/{k}") is not None])
+                got = [(res[(column, row, s)].get("history") or [{}])[-1] for s in grid.seeds
+                       if (column, row, s) in res]
+                table[name][row] = {k: stat([h[f"{name}/{k}"] for h in got if h.get(f"{name}/{k}") is not None])
                                     for k in ("psnr", "ssim")}
             if name in corners:
                 row = corners[name]
                 got = [res[(column, row, s)] for s in grid.seeds if (column, row, s) in res]
-                table[name][row] = {k: _stat([r[k] for r in got if r.get(k) is not None]) for k in ("psnr", "ssim")}
+                table[name][row] = {k: stat([r[k] for r in got if r.get(k) is not None]) for k in ("psnr", "ssim")}
         out[column] = table
     return out
 
@@ -76,7 +77,8 @@ def markdown(table: dict, cells, grid) -> str:
     out = ["", ("In the table above an SGN student stands at its `eval_c` (default: the centre), a single-loss student "
                 "at its corner.")]
     for column, by_point in table.items():
-        out += ["", f"### {grid.columns[column].label or column}: PSNR / SSIM against the loss mix c = (L1, adv, KD)", "",
+        out += ["", f"### {grid.columns[column].label or column}: PSNR / SSIM against the loss mix "
+                    "c = (L1, adv, KD)", "",
                 "| c | " + " | ".join(f"{h} PSNR | SSIM" for h in heads) + " |",
                 "|---|" + "---:|---:|" * len(heads)]
         for name, c in points().items():
@@ -84,13 +86,13 @@ def markdown(table: dict, cells, grid) -> str:
             if corners:
                 cols.append(by_point[name].get(corners.get(name)))
             out.append(f"| {point_label(name, c)} | " + " | ".join(
-                "- | -" if st is None else f"{_fmt(st['psnr'], 2)} | {_fmt(st['ssim'], 4)}" for st in cols) + " |")
+                "- | -" if st is None else f"{fmt(st['psnr'], 2)} | {fmt(st['ssim'], 4)}" for st in cols) + " |")
     return "\n".join(out) + "\n"
 
 
 def section(cells, grid, out: Path) -> str:
     """The markdown to append to table.md; writes the summary (sgn.json) and, once every run is done, the figure."""
-    from cqd.engine.checkpoint import save_json
+    from cqd.files import save_json
 
     table = summarize(cells, grid)
     md = markdown(table, cells, grid)
@@ -103,13 +105,14 @@ def section(cells, grid, out: Path) -> str:
 
 
 def _crop_at(hr, size: int) -> tuple[int, int]:
-    """The top-left corner of the `size` px window with the most detail (largest mean |gradient| of HR), on a coarse grid."""
+    """The top-left corner of the `size` px window with the most detail (largest mean |gradient| of HR), on a coarse
+    grid."""
     g = hr[0].mean(0)
     energy = (g[1:, :-1] - g[:-1, :-1]).abs() + (g[:-1, 1:] - g[:-1, :-1]).abs()
     h, w = energy.shape
     stride = max(size // 2, 1)
     best = max(((float(energy[t:t + size, l:l + size].mean()), t, l) for t in range(0, max(h - size, 0) + 1, stride)
-                for l in range(0, max(w - size, 0) + 1, stride)), default=(0.0, 0, 0))
+                for l in range(0, max(w - size, 0) + 1, stride)), default=(0.0, 0, 0))  # noqa: E741
     return best[1], best[2]
 
 
@@ -123,9 +126,9 @@ def figure(cells, grid, path: Path, size: int = 96) -> list[tuple[str, list[str]
     point of c; then the single-loss students, bicubic, the teacher and HR. Returns each row's panel titles."""
     import torch
 
-    from cqd.engine import sr
     from cqd.engine.model_files import MODEL, load_model
     from cqd.models.sym import AtMix
+    from cqd.tasks.sr import pipeline as sr
 
     mixed, corners = _rows(cells, grid)
     seed = grid.seeds[0]

@@ -1,7 +1,7 @@
 """The super-resolution task `sr`: patches for training, PSNR/SSIM on whole images for evaluation.
 
 What the engine asks of a task (see `cqd.engine.tasks`), for image-to-image training: the datasets
-(`cqd.data.sr.SRImages`), a pair maker that cuts random aligned (LR, HR) patches on the device, and
+(`cqd.tasks.sr.data.SRImages`), a pair maker that cuts random aligned (LR, HR) patches on the device, and
 the metrics. A pair is (x = HR patch, z = LR patch, y = HR patch: the target), all RGB in [0, 1]; the
 teacher sees z too (SR distillation compresses a network, both sides get the same input).
 
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from cqd.data.paired import Pair
-from cqd.data.sr import SRImages
 from cqd.degradations.base import Draws
 from cqd.errors import ConfigError
+from cqd.tasks.sr.data import SRImages
 
 Y_WEIGHTS = (65.481, 128.553, 24.966)  # BT.601 for RGB in [0, 1], Y in [16, 235]
 METRICS = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")
@@ -131,7 +131,8 @@ def evaluate(models: dict, views, loader, maker: PatchMaker, fabric) -> dict[str
     sums: dict[str, Tensor] = {}
 
     def add(key: str, value: Tensor) -> None:
-        sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=fabric.device)) + value.sum().to(fabric.device)
+        sums[key] = (sums.get(key, torch.zeros((), dtype=torch.float64, device=fabric.device))
+                     + value.sum().to(fabric.device))
 
     n = 0
     for batch in loader:
@@ -143,8 +144,8 @@ def evaluate(models: dict, views, loader, maker: PatchMaker, fabric) -> dict[str
             for prefix, model in models.items():
                 out = model(lr).float()
                 if out.shape != hr.shape:
-                    raise ConfigError(f"the model gives {tuple(out.shape)} for a {tuple(lr.shape)} input, but the HR image "
-                                      f"is {tuple(hr.shape)}: is it built for sr.scale={maker.scale}?")
+                    raise ConfigError(f"the model gives {tuple(out.shape)} for a {tuple(lr.shape)} input, "
+                                      f"but the HR image is {tuple(hr.shape)}: is it built for sr.scale={maker.scale}?")
                 p, s = sr_metrics(out, hr, maker.scale)
                 add(f"{prefix}{'/' if prefix else ''}psnr", p)
                 add(f"{prefix}{'/' if prefix else ''}ssim", s)
@@ -161,8 +162,9 @@ def evaluate(models: dict, views, loader, maker: PatchMaker, fabric) -> dict[str
 def build_datasets(cfg):
     """(train, test, train, test): the patch slots of sr.train's images and the whole images of sr.test."""
     d = cfg.data
-    for key, value, instead in (("val_fraction", d.val_fraction, "hold images out of sr.train and tune on them as sr.test "
-                                 "in a run of their own"), ("train_subset", d.train_subset, "list the images in sr.train"),
+    for key, value, instead in (("val_fraction", d.val_fraction,
+                                 "hold images out of sr.train and tune on them as sr.test in a run of their own"),
+                                ("train_subset", d.train_subset, "list the images in sr.train"),
                                 ("test_subset", d.test_subset, "list the images in sr.test")):
         if value:
             raise ConfigError(f"data.{key}={value} has no meaning for task sr (its items are images, not a "
@@ -202,8 +204,3 @@ def teacher_run(cfg, tcfg) -> None:
     """The teacher's own run trains `sr.teacher_epochs` epochs (default: the run's)."""
     if cfg.sr.teacher_epochs is not None:
         tcfg.train.epochs = cfg.sr.teacher_epochs
-
-
-def result(final: dict) -> dict:
-    return {k: final.get(k) for k in METRICS}
-

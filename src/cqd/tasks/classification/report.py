@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cqd.engine.checkpoint import save_json, save_text  # noqa: E402
 from cqd.errors import CQDError  # noqa: E402
+from cqd.files import save_json, save_text  # noqa: E402
 
 PAPER_TABLE1 = """\
 Paper's Table 1 (Su and Maji, vgg-m on CUB-200-2011 / Stanford Cars; other data, for reference only):
@@ -32,7 +32,8 @@ Paper's Table 1 (Su and Maji, vgg-m on CUB-200-2011 / Stanford Cars; other data,
 def _stat(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
 
 
 def lines(grid) -> list[tuple[str, str, str]]:
@@ -66,7 +67,8 @@ def summarize(cells, grid) -> dict:
         gaps = []
         for s in grid.seeds:
             try:
-                up, b, c = (100 * acc[(column, r, s)][k] for r, k in (("hq", "acc_hq"), ("lq", "acc_lq"), ("cqd", "acc_lq")))
+                up, b, c = (100 * acc[(column, r, s)][k]
+                            for r, k in (("hq", "acc_hq"), ("lq", "acc_lq"), ("cqd", "acc_lq")))
             except KeyError:
                 continue
             if up - b > 1e-9:
@@ -102,7 +104,7 @@ def markdown(table: dict, title: str, n_seeds: int, labels: list[str]) -> str:
 
 def tuned_settings(grid) -> str:
     """A markdown table of the values each tuned row uses in each column (from its best.yaml), or ''."""
-    from cqd.engine.grid import tuned_values
+    from cqd.experiments.grid import tuned_values
 
     rows = [r for r in grid.rows if r.tuned]
     if not rows:
@@ -117,13 +119,15 @@ def tuned_settings(grid) -> str:
             except CQDError:
                 values = None
             cells.append("not tuned yet" if values is None else
-                         ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                         ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float)
+                                   else f"{k.rsplit('.', 1)[-1]}={v}"
                                    for k, v in values.items()))
         out.append(f"| {row.id} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def run_rows(cells, describe=lambda cfg: {"degradation": cfg.data.degradation}, metrics=("acc_hq", "acc_lq")) -> list[dict]:
+def run_rows(cells, describe=lambda cfg: {"degradation": cfg.data.degradation},
+             metrics=("acc_hq", "acc_lq")) -> list[dict]:
     """One row per finished run: its name, kind, row, method, seed, `describe(cfg)`, `metrics`, speed and config.
     The config, and a described key that the result records itself, are taken from the result: a shared
     teacher's run records the view it was measured on, which is the column of whichever process trained it

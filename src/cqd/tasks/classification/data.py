@@ -1,0 +1,67 @@
+"""The classification task's data: datasets of `data.name` (subsets, the validation split) and the pair maker."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Subset
+
+from cqd.data import DATASETS
+from cqd.data.paired import PairMaker
+from cqd.errors import ConfigError
+
+
+def build_datasets(cfg):
+    """(train, test, base_train, base_test): subsets are a fixed shuffle (seed 0) so every run sees the same
+    items; with `data.val_fraction` the validation items (`split_items`) are left out of train."""
+    d = cfg.data
+    builder = DATASETS.get(d.name)
+    train_ds, test_ds = (builder(d.root, split, d.image_size, on_corrupt=d.on_corrupt) for split in ("train", "test"))
+    train_items = split_items(d, len(train_ds))[0]
+    return ((train_ds if train_items is None else Subset(train_ds, train_items)), _first(test_ds, d.test_subset),
+            train_ds, test_ds)
+
+
+def _first(ds, n: int | None):
+    return ds if n is None or n >= len(ds) else Subset(ds, _shuffle(len(ds), 0)[:n])
+
+
+def _shuffle(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def split_items(d, n: int) -> tuple[list[int] | None, list[int]]:
+    """(training items, validation items) of a train split of `n` items, as its indices (training items
+    None: the whole split). The items are the split or `data.train_subset` of a fixed shuffle (seed 0);
+    `data.val_fraction` of them, drawn by `data.seed` alone, are held out for validation."""
+    items = list(range(n)) if d.train_subset is None or d.train_subset >= n else _shuffle(n, 0)[:d.train_subset]
+    if not d.val_fraction:
+        return (None if len(items) == n else items), []
+    k = round(len(items) * d.val_fraction)
+    if not 0 < k < len(items):
+        raise ConfigError(f"data.val_fraction={d.val_fraction:g} of {len(items)} training items holds out {k}; "
+                          "choose it so that both the validation and the training split keep at least one item")
+    held = set(_shuffle(len(items), d.seed)[:k])
+    return [i for j, i in enumerate(items) if j not in held], [i for j, i in enumerate(items) if j in held]
+
+
+def val_dataset(cfg, base_train):
+    """The validation items of `data.val_fraction` (None when it is 0): training items never trained on."""
+    items = split_items(cfg.data, len(base_train))[1]
+    return Subset(base_train, items) if items else None
+
+
+def make_maker(cfg, base, hq_view: str | None = None, hq_degradation: str | None = None) -> PairMaker:
+    """The run's PairMaker (a BlendMaker with `data.mix`); with `hq_view`/`hq_degradation`, one that makes a
+    teacher's own x."""
+    common = {"hq_view": hq_view or cfg.data.hq_view, "lq_view": cfg.data.lq_view,
+              "hq_degradation": hq_degradation or cfg.data.hq_degradation, "seed": cfg.data.seed,
+              "fresh_each_epoch": cfg.data.fresh_each_epoch, "mean": getattr(base, "mean", (0.485, 0.456, 0.406)),
+              "std": getattr(base, "std", (0.229, 0.224, 0.225)), "channels_last": cfg.train.channels_last}
+    mix = getattr(cfg.data, "mix", None)
+    if mix is not None:
+        from cqd.data.blend import BlendMaker
+
+        maker = BlendMaker(mix.degradations, mix.alpha, None if mix.c is None else [mix.c], **common)
+    else:
+        maker = PairMaker(cfg.data.degradation, **common)
+    maker.prepare(base)
+    return maker
