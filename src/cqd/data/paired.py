@@ -68,8 +68,9 @@ class PairMaker:
                 T.bind(bank)
 
     def normalize(self, img: Tensor) -> Tensor:
-        m, s = self.mean.to(img.device), self.std.to(img.device)
-        return ((img - m) / s).contiguous(memory_format=self.memory_format)
+        if self.mean.device != img.device:  # moved once: a copy per step would wait for the device
+            self.mean, self.std = self.mean.to(img.device), self.std.to(img.device)
+        return ((img - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
     def fix_twins(self, loader, device, size: int) -> int:
@@ -118,7 +119,8 @@ class PairMaker:
 
     def __call__(self, batch: dict, device, epoch: int = 0) -> Pair:
         x, z, box = self.views(batch, device, epoch)
-        return Pair(self.normalize(x), self.normalize(z), batch["label"].to(device), box, batch["index"].to(device))
+        y, index = batch["label"].to(device, non_blocking=True), batch["index"].to(device, non_blocking=True)
+        return Pair(self.normalize(x), self.normalize(z), y, box, index)
 
 
 def _whole(img: Tensor) -> Tensor:
