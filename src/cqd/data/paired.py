@@ -2,7 +2,8 @@
 
 The pair is made on the training device, batched: the dataset only decodes images. For the
 paper's localization task x is the box crop and z the full image (views `crop` and `full`, T =
-`none`); for the others both views are the same image and T degrades it.
+`none`); for the others both views are the same image and T degrades it. A dataset of real pairs
+(`paired_folder`) gives each item its low-quality twin as `lq`: z = T(lq) then, whatever the views.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class PairMaker:
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._twins: tuple[Tensor, Tensor, Tensor] | None = None  # (row of each dataset index (CPU), z, box)
+        self.lq_only = False  # the items are low-quality images alone (x is z's source too): no top-1 on x
 
     @property
     def teacher_input_fixed(self) -> bool:
@@ -98,11 +100,11 @@ class PairMaker:
     def hq(self, batch: dict, device, epoch: int = 0) -> Tensor:
         """Unnormalized x = T_hq(high-quality view) in [0, 1]: all a teacher with its own view needs."""
         x = batch[self.hq_view].to(device, non_blocking=True).float().div_(255)
-        return self.T_hq(x, batch["index"].to(device), self.seed, epoch if self.fresh else None)[0]
+        return self.T_hq(x, batch["index"].to(device, non_blocking=True), self.seed, epoch if self.fresh else None)[0]
 
     def views(self, batch: dict, device, epoch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Unnormalized x, z in [0, 1] and z's box."""
-        idx = batch["index"].to(device)
+        idx = batch["index"].to(device, non_blocking=True)
         ep = epoch if self.fresh else None
         x = self.hq(batch, device, epoch)
         if self._twins is not None:
@@ -110,11 +112,12 @@ class PairMaker:
             if bool((slot >= 0).all()):
                 slot = slot.to(device, non_blocking=True)
                 return x, self._twins[1][slot], self._twins[2][slot]
-        lq = x if self.lq_view == self.hq_view and self.T_hq.spec() == "none" else (
-            batch[self.lq_view].to(device, non_blocking=True).float().div_(255))
+        source = "lq" if "lq" in batch else self.lq_view  # a real low-quality twin, else a view of the image
+        lq = x if source == self.hq_view and self.T_hq.spec() == "none" else (
+            batch[source].to(device, non_blocking=True).float().div_(255))
         z, box = self.T(lq, idx, self.seed + 1, ep)
         if box is None:
-            box = batch["box"].to(device).float() if self.lq_view == "full" else _whole(z)
+            box = batch["box"].to(device, non_blocking=True).float() if self.lq_view == "full" else _whole(z)
         return x, z, box
 
     def __call__(self, batch: dict, device, epoch: int = 0) -> Pair:
