@@ -63,6 +63,7 @@ def _cqd() -> SimpleNamespace:
 
     train(config dict) -> result dict, result["history"][i]["images_per_s"]   (the public API, cqd.api)
     DATASETS.register(name)(builder(root, split, image_size, on_corrupt))    (dataset registry)
+    InMemoryImages(uint8 images (N, C, S, S), labels)                         (cqd.data.base)
     parse_degradation(spec) -> T; T.check(C, S); T.bind(uint8 bank); T(x, index) -> (z, box)
     create_model(name, num_classes, in_chans) -> nn.Module                   (the student the loop builds)
 
@@ -75,49 +76,27 @@ def _cqd() -> SimpleNamespace:
     if _C is None:
         from cqd.api import train
         from cqd.data import DATASETS
+        from cqd.data.base import InMemoryImages
         from cqd.degradations import parse_degradation
         from cqd.models import create_model
 
         if SYNTH not in DATASETS:
             DATASETS.register(SYNTH)(_build_synthetic)
-        _C = SimpleNamespace(train=train, create_model=create_model, parse_degradation=parse_degradation)
+        _C = SimpleNamespace(train=train, create_model=create_model, parse_degradation=parse_degradation,
+                             InMemoryImages=InMemoryImages)
     return _C
 # ==== end of cqd internals ======================================================================================
 
 
-class SyntheticImages(torch.utils.data.Dataset):
-    """Fashion-MNIST's in-memory shape (uint8 tensors sliced per batch), with 3-channel random images of any size."""
-
-    num_classes, in_chans, has_boxes = 10, 3, False
-    classes = [f"class{i}" for i in range(10)]
-    mean, std = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)
-
-    def __init__(self, n: int, size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.image_size = size
-        self.box = torch.tensor([0.0, 0.0, size, size])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"full": self.images[i], "crop": self.images[i], "box": self.box.clone(), "label": self.labels[i],
-                "index": torch.tensor(i)}
-
-    def __getitems__(self, indices: list[int]) -> dict:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images[idx]
-        return {"full": x, "crop": x, "box": self.box.expand(len(idx), 4), "label": self.labels[idx], "index": idx}
-
-    @staticmethod
-    def collate(batch: dict) -> dict:
-        return batch
-
-    def clutter_bank(self, n: int, seed: int = 0) -> torch.Tensor:
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.images[idx]
+def synthetic_images(n: int, size: int, seed: int):
+    """Fashion-MNIST's in-memory shape (cqd.data.base.InMemoryImages: uint8 tensors sliced per batch), with
+    3-channel random images of any size and 10 classes."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    data = _cqd().InMemoryImages(images, torch.randint(0, 10, (n,), generator=g))
+    data.num_classes, data.classes = 10, [f"class{i}" for i in range(10)]
+    data.mean, data.std = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)
+    return data
 
 
 _SYNTH_CACHE: dict = {}
@@ -128,8 +107,8 @@ def _build_synthetic(root, split, image_size=32, on_corrupt="error"):
     n_train, n_test = (int(v) for v in str(root).split(":"))
     key = (n_train, n_test, split, image_size)
     if key not in _SYNTH_CACHE:
-        _SYNTH_CACHE[key] = SyntheticImages(n_train if split == "train" else n_test, image_size,
-                                            0 if split == "train" else 1)
+        _SYNTH_CACHE[key] = synthetic_images(n_train if split == "train" else n_test, image_size,
+                                             0 if split == "train" else 1)
     return _SYNTH_CACHE[key]
 
 

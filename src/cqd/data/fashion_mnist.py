@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cqd.data import DATASETS
-from cqd.data.base import ImageDataset
+from cqd.data.base import InMemoryImages
 from cqd.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -99,7 +99,7 @@ def _locate(root: str | None, split: str) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
-class FashionMNIST(ImageDataset):
+class FashionMNIST(InMemoryImages):
     """The whole split as one uint8 tensor (N, 1, S, S); `__getitems__` serves a batch with one slice."""
 
     classes = CLASSES
@@ -115,28 +115,7 @@ class FashionMNIST(ImageDataset):
             x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
                               align_corners=False)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        self.images, self.labels, self.image_size = x.contiguous(), labels.long(), image_size
-        self.box = torch.tensor([0.0, 0.0, image_size, image_size])
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        return {"full": self.images[i], "crop": self.images[i], "box": self.box.clone(),
-                "label": self.labels[i], "index": torch.tensor(i)}
-
-    def __getitems__(self, indices: list[int]) -> dict:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images[idx]
-        return {"full": x, "crop": x, "box": self.box.expand(len(idx), 4), "label": self.labels[idx], "index": idx}
-
-    @staticmethod
-    def collate(batch: dict) -> dict:
-        return batch
-
-    def clutter_bank(self, n: int, seed: int = 0) -> torch.Tensor:
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.images[idx]
+        super().__init__(x, labels)
 
 
 @functools.lru_cache(maxsize=4)

@@ -143,6 +143,18 @@ class Method(nn.Module):
         return F.cross_entropy(fp32(logits), y)
 
 
+class SequentialRounds:
+    """For a method whose section holds `rounds: R` and `next_round(first)`: sequential distillation (FEED, FT)."""
+
+    @classmethod
+    def rounds(cls, params: Strict) -> int:
+        return params.rounds
+
+    @classmethod
+    def round_params(cls, params: Strict, first: bool) -> Strict:
+        return params.next_round(first)
+
+
 def fp32(t: Tensor) -> Tensor:
     """Logits for a loss: half/bfloat16 (autocast) go up to float32; float64 stays float64."""
     return t if t.dtype == torch.float64 else t.float()

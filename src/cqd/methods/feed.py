@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from cqd.errors import ConfigError
 from cqd.methods import METHODS
-from cqd.methods.base import Method
+from cqd.methods.base import Method, SequentialRounds
 from cqd.methods.ens import EnsParams, ensemble_term
 from cqd.models.taps import FeatureTaps, probe
 
@@ -75,19 +75,11 @@ def resized(f: Tensor, like: Tensor) -> Tensor:
 
 
 @METHODS.register("feed")
-class FEED(Method):
+class FEED(SequentialRounds, Method):
     Params = FEEDParams
     label = "FEED -> B feature ensemble"
     uses_teacher = True
     init_from_teacher = "if_same"
-
-    @classmethod
-    def rounds(cls, params) -> int:
-        return params.rounds
-
-    @classmethod
-    def round_params(cls, params, first: bool):
-        return params.next_round(first)
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)

@@ -34,7 +34,7 @@ from torch import nn
 
 from cqd.files import load_checkpoint, save_checkpoint
 from cqd.methods import METHODS
-from cqd.methods.base import Method
+from cqd.methods.base import Method, SequentialRounds
 from cqd.methods.ens import EnsParams, ensemble_term
 from cqd.methods.feed import factor_distance, resized, transform
 from cqd.models.taps import FeatureTaps, probe
@@ -71,20 +71,12 @@ class Paraphraser(nn.Module):
 
 
 @METHODS.register("ft")
-class FactorTransfer(Method):
+class FactorTransfer(SequentialRounds, Method):
     Params = FTParams
     label = "FT -> B factor transfer"
     uses_teacher = True
     init_from_teacher = "if_same"
     pretrains = True
-
-    @classmethod
-    def rounds(cls, params) -> int:
-        return params.rounds
-
-    @classmethod
-    def round_params(cls, params, first: bool):
-        return params.next_round(first)
 
     def __init__(self, student, params=None, teachers=(), sample=None):
         super().__init__(student, params, teachers, sample)
