@@ -134,7 +134,10 @@ def test_degradation_spec_of_any_type(spec):
 argv_tokens = st.one_of(
     st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=12),
     st.sampled_from(["--config", "--data-dir", "--model", "--resume", "--debug", "--specs", "-n", "--", "-x",
-                     "--config=", "/nonexistent.yaml", "/", ".", "x=1"]))
+                     "--config=", "/nonexistent.yaml", "/", ".", "x=1",
+                     # issue 34's inputs: --force, a NaN mix, an empty ensemble, a subset above the split
+                     "--force", "--c", "nan,0.5,0.5", "method.name=feed", "method.name=ens", "teachers=[]",
+                     "data.train_subset=99999999", "data.mix={degradations: [blur, blur]}"]))
 
 
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -187,3 +190,44 @@ def test_the_default_hypothesis_profile_draws_the_same_examples_every_run():
         record()
         runs.append(seen)
     assert runs[0] == runs[1] and len(set(runs[0])) > 5
+
+
+# issue 34: grids and study storages that passed validation and then crashed, hung or trained the wrong thing
+grid_over = st.lists(st.one_of(
+    st.builds(lambda s: f"seeds={s}", st.lists(st.integers(0, 3), max_size=4)),
+    st.sampled_from(["rows=[]", "columns={}", "rows=[lq, lq]", "rows=[{id: a, set: {out_dir: x}}]",
+                     "rows=[{id: a, set: {seed: 2}}]", "columns={c: {set: {name: n}}}", "columns={c: {}}",
+                     "rows=[{id: f, set: {method.name: feed, teachers: []}}]", "tune.storage=foo://x"]),
+    override_values.map(lambda v: f"rows={v}"), override_values.map(lambda v: f"columns={v}")), max_size=3)
+
+
+@FUZZ
+@given(grid_over)
+def test_random_grid_overrides(items):
+    """A grid config either loads, and then has rows, columns, distinct seeds and no cell key set per row or
+    column, or is a CQDError."""
+    from cqd.experiments.schema import CELL_KEYS
+
+    base = {"out_dir": "/nonexistent/grid", "rows": ["lq"], "columns": {"lowres": {"degradation": "lowres:size=8"}},
+            "base": {"data": {"image_size": 16}}}
+    grid = _ok_or_cqd(load_grid_config, base, items)
+    if grid is not None:
+        assert grid.rows and grid.columns and len(set(grid.seeds)) == len(grid.seeds)
+        sets = [r.set for r in grid.rows] + [c.set for c in grid.columns.values()]
+        assert not any(k.split(".")[0] in CELL_KEYS for s in sets for k in s)
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=30), st.builds(lambda d, rest: f"{d}{rest}", st.sampled_from(
+    ["sqlite://", "sqlite:///", "sqlite:////proc/", "postgresql://", "mysql://", "foo://", "sqlite+pysqlite:///",
+     "://", "sqlite:///:memory:", "sqlite:///file::memory:?"]), st.text(max_size=15))))
+def test_random_study_storages(url):
+    """`cqd tune`'s storage check accepts a URL or raises a CQDError naming it: never another exception."""
+    from types import SimpleNamespace
+
+    from cqd.experiments.tune import check_storage
+
+    try:
+        check_storage(SimpleNamespace(storage=url))
+    except CQDError as e:
+        assert "storage=" in str(e)

@@ -8,7 +8,7 @@ Floors, lowest first (docs/design.md says the same):
   2 data, methods, compress
   3 tasks (each task's package; its `report*` modules sit on floor 6)
   4 engine: one run
-  5 experiments (grids, studies, rounds), export
+  5 experiments (grids, studies, rounds), export, predict
   6 reports, analysis, the tasks' report modules
   7 api, cli
 """
@@ -26,7 +26,7 @@ FLOORS = [
     ("cqd.data", 2), ("cqd.methods", 2), ("cqd.compress", 2),
     ("cqd.tasks", 3),
     ("cqd.engine", 4),
-    ("cqd.experiments", 5), ("cqd.export", 5),
+    ("cqd.experiments", 5), ("cqd.export", 5), ("cqd.predict", 5),
     ("cqd.reports", 6), ("cqd.analysis", 6),
     ("cqd.api", 7), ("cqd.cli", 7), ("cqd.__main__", 7),
 ]

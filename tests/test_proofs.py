@@ -17,7 +17,8 @@ from cqd.data.fashion_mnist import FashionMNIST
 from cqd.data.paired import PairMaker
 from cqd.engine.precision import make_fabric
 from cqd.engine.schema import run_config
-from cqd.experiments.grid import UNREADABLE_LOCK_S, Cell, claim, run_cell
+from cqd.experiments.grid import Cell, run_cell
+from cqd.experiments.locks import UNREADABLE_LOCK_S, claim
 from cqd.experiments.schema import GridConfig, grid_config
 from cqd.methods import METHODS
 from cqd.tasks.classification import metrics as classification

@@ -116,7 +116,7 @@ def test_unknown_names(override, key, value, capsys):
      "method takes: name, init, afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, "
      "lsfd, quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),
     ("train.epoch=3", "train.epoch", "did you mean 'epochs'?"),
-    ("data={sise: 3}", "data.sise", "data takes: name, root, image_size"),
+    ("data={sise: 3}", "data.sise", "data takes: name, root, root_lq, test_lq_only, image_size"),
 ])
 def test_unknown_keys(override, key, hint, capsys):
     msg = config_error(override)
@@ -160,11 +160,36 @@ def test_an_old_flat_method_key_says_where_it_moved(how, tmp_path, capsys):
     ("method.cqd.loss=l1", "method.cqd.loss", "'ce' or 'mse'"),
     ("data=[1, 2]", "data", "must be a section"),
     ("seed=1e999", "seed", "valid integer"),
+    ("data.mix={degradations: [blur, lowres, blur]}", "data.mix", "listed twice"),  # issue 34: was accepted
+    ("data.mix={degradations: [blur, lowres], c: [.nan, 1.0]}", "data.mix", "on the simplex"),  # NaN passed min(c)
 ])
 def test_wrong_types_and_out_of_range(override, key, what, capsys):
     msg = config_error(override)
     assert f"{key}:" in msg and what in msg
     one_error(*cli(capsys, "train", override), key)
+
+
+# issue 34: grid settings that were accepted and then trained one run as two, wrote an empty table, crashed the report
+# or were silently ignored
+@pytest.mark.parametrize("override, key, what", [
+    ("seeds=[0, 1, 0]", "seeds", "seed 0 is given twice"),
+    ("rows=[]", "rows", "empty"),
+    ("columns={}", "columns", "empty"),
+    ("rows=[{id: a, set: {method.name: lq, out_dir: x}}]", "row 'a'", "set.out_dir cannot be set per cell"),
+    ("rows=[{id: a, set: {method.name: lq, name: x}}]", "row 'a'", "set.name cannot be set per cell"),
+    ("columns={x: {set: {seed: 1}}}", "column 'x'", "set.seed cannot be set per cell"),
+    ("columns={x: {set: {cache_dir: c}}}", "column 'x'", "set.cache_dir cannot be set per cell"),
+])
+def test_grid_mistakes(override, key, what, tmp_path, capsys):
+    from cqd.experiments.schema import load_grid_config
+
+    path = write_yaml(tmp_path / "grid.yaml", {"out_dir": str(tmp_path / "grid"), "rows": ["lq"],
+                                               "columns": {"lowres": {"degradation": "lowres:size=8"}}})
+    with pytest.raises(ConfigError) as e:
+        load_grid_config(path, [override])
+    assert key in str(e.value) and what in str(e.value)
+    one_error(*cli(capsys, "table", "--config", path, override), key, what)
+    assert not (tmp_path / "grid").exists()
 
 
 def test_all_errors_of_a_config_in_one_message():
@@ -587,7 +612,9 @@ def test_crafted_pickle_via_cli_and_config(crafted, finished, tmp_path, capsys):
         one_error(*cli(capsys, "eval", "--model", path, "--config", config), path, "refused")
     one_error(*cli(capsys, "train", "--config", config, "method.name=cqd", f"teacher.checkpoint={files['zip.pt']}"),
               files["zip.pt"], "refused")
-    one_error(*cli(capsys, "train", "--config", config, f"pretrained={files['zip.pt']}"), files["zip.pt"])
+    msg = one_error(*cli(capsys, "train", "--config", config, f"pretrained={files['zip.pt']}"), files["zip.pt"],
+                    "refused", "nothing in it ran")
+    assert "weights_only=False" not in msg  # cqd's refusal, not torch's advice to load it unsafely (issue 34)
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "last.ckpt").write_bytes(files["zip.pt"].read_bytes())
     one_error(*cli(capsys, "train", "--config", config, "--resume"), tmp_path / "run" / "last.ckpt", "refused")

@@ -184,7 +184,8 @@ def test_eval_takes_c_and_refuses_a_bad_one(trained, capsys):
     got = {tuple(c): evaluate(model, cfg, c=c)["psnr"] for c in ([1, 0, 0], [0, 1, 0], [0.2, 0.3, 0.5])}
     assert len(set(got.values())) == 3
     assert evaluate(model, cfg, c="0.2, 0.3, 0.5")["psnr"] == got[(0.2, 0.3, 0.5)]
-    for bad, msg in (([0.5, 0.5], "K=3"), ([1.2, -0.2, 0], "each >= 0"), (None, "give one")):
+    for bad, msg in (([0.5, 0.5], "K=3"), ([1.2, -0.2, 0], "each >= 0"), (None, "give one"),
+                     ([float("nan"), 0.5, 0.5], "each >= 0"), ("nan,0.5,0.5", "each >= 0")):  # NaN passed min(c)
         with pytest.raises(ConfigError, match=msg):
             evaluate(model, cfg, c=bad)
     with pytest.raises(ConfigError, match="no sym gates"):
@@ -193,6 +194,9 @@ def test_eval_takes_c_and_refuses_a_bad_one(trained, capsys):
     path.write_text(yaml.safe_dump(cfg.model_dump()))
     assert main(["eval", "--model", model, "--config", str(path), "--c", "0.5,0.6,0"]) == 2
     assert "summing to 1" in capsys.readouterr().err
+    assert main(["eval", "--model", model, "--config", str(path), "--c", "nan,0.5,0.5"]) == 2  # issue 34
+    err = capsys.readouterr().err
+    assert "summing to 1" in err and "internal error" not in err
 
 
 def test_the_table_shows_each_c_beside_the_single_loss_students_and_draws_the_figure(tmp_path):

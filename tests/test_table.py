@@ -71,7 +71,7 @@ def test_grid_writes_report_skips_done_cells_and_force_reruns(tmp_path, tiny_con
 
 
 def test_cell_held_by_a_live_process_is_skipped(tmp_path, tiny_config):
-    from cqd.experiments.grid import claim
+    from cqd.experiments.locks import claim
 
     grid = load_grid_config(_grid(tmp_path, tiny_config))
     first = plan(grid, Path(grid.out_dir))[0]

@@ -22,11 +22,24 @@ def _cfg(config, overrides) -> RunConfig:
     return load_run_config(config, overrides)
 
 
-def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, resume: bool = False) -> dict:
-    """Train one method; returns the result (accuracies on high/low quality test views, history)."""
+def train(config: str | Path | dict | RunConfig | None = None, *overrides: str, resume: bool = False,
+          force: bool = False) -> dict:
+    """Train one method; returns the result (accuracies on high/low quality test views, history).
+
+    `resume`: continue from `<out_dir>/last.ckpt` (with none there, a notice, and the run starts from the
+    beginning). An out_dir that holds a finished run is an error unless `resume` or `force` (replace it)."""
+    import os
+    import warnings
+
+    from cqd.experiments.rounds import resumable
     from cqd.experiments.rounds import train as _train
 
-    return _train(_cfg(config, overrides), resume=resume)
+    cfg = _cfg(config, overrides)
+    if resume and not resumable(cfg):
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one says so
+            warnings.warn(f"no last.ckpt in {cfg.out_dir}: starting from the beginning", stacklevel=2)
+        resume = False  # a fresh start, under its rule: a finished run there is not replaced without force
+    return _train(cfg, resume=resume, force=force)
 
 
 def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *overrides: str,
@@ -39,11 +52,12 @@ def evaluate(model_path: str | Path, config: str | Path | dict | RunConfig | Non
 
 
 def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: str | Path | None = None,
-           config: str | Path | dict | RunConfig | None = None, check: bool = True) -> dict:
+           config: str | Path | dict | RunConfig | None = None, check: bool = True, force: bool = False) -> dict:
     """Write a saved model (`model.pt`) as `onnx`, `torchscript` or `pt2` (default path beside it) and check the
     written file: fp32 logits within 1e-3 of PyTorch's on a test batch; a QAT model goes out in its int8 form
     (ONNX QDQ or pt2; TorchScript is an error) and its top-1 on the test set within 0.5 points of PyTorch's.
-    The test data come from `config` with `overrides` (default: the run's own config, saved in model.pt).
+    The test data come from `config` with `overrides` (default: the run's own config, saved in model.pt), a config
+    of the model's task. An existing `out` is replaced only with `force`; `model_path` itself never.
     Returns {"path", "format", "form" (fp32/int8), "bytes", "check", "export_s"}."""
     from cqd.engine.checkpoint import load_model_file
     from cqd.export import export_model
@@ -51,11 +65,13 @@ def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: s
     cfg = None
     if config is not None or overrides:
         cfg = _cfg(config if config is not None else load_model_file(model_path)["config"], overrides)
-    return export_model(model_path, format, out, cfg, check)
+    return export_model(model_path, format, out, cfg, check, force=force)
 
 
 def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
-    """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir"}.
+    """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir", "reused"}
+    (`reused`: the cells finished before this call under the same settings; a finished cell made under other
+    settings is a CellMismatch, before anything is trained, unless `force`).
 
     `config` is a grid YAML file, a dict (as a grid YAML would hold) or a loaded GridConfig, with `overrides`.
     `on_cell(name, result)` is
@@ -67,7 +83,7 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
     if isinstance(config, GridConfig):
         config = config if not overrides else config.model_dump()
     grid = config if isinstance(config, GridConfig) else load_grid_config(config, list(overrides))
-    run_grid(grid, force=force, on_cell=on_cell)
+    ran = run_grid(grid, force=force, on_cell=on_cell)  # a CellMismatch before training anything
     report_dir = Path(grid.out_dir) / "report"
     md, summary = write_report(collect(grid), grid, report_dir)  # the task's table
     if grid.deploy is not None:  # sizes, latencies and distillation gains, measured in this one process
@@ -78,7 +94,33 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
         if deploy:
             md += deploy
             save_text((report_dir / "table.md").read_text() + deploy, report_dir / "table.md")
-    return {"markdown": md, "table": summary, "report_dir": str(report_dir)}
+    if grid.robustness is not None:  # the curves of some rows' models under a sweep of degradations
+        from cqd.analysis.robustness import grid_robustness
+
+        md += grid_robustness(collect(grid), grid, report_dir)
+    return {"markdown": md, "table": summary, "report_dir": str(report_dir), "reused": ran["reused"]}
+
+
+def robustness(models: list[str | Path], config: str | Path | dict | RunConfig | None = None, *overrides: str,
+               specs: list[str] | None = None, baseline: str | int | None = None, out: str | Path | None = None,
+               labels: list[str] | None = None) -> dict:
+    """Top-1 of several saved models on the config's test set under a sweep of degradations (the config's
+    `robustness:` section, or `specs`), and each model's mean top-1 and mCE relative to `baseline` (a model path,
+    label or index; default the first). Writes robustness.csv/.json/.md/.png in `out` (default
+    <out_dir>/robustness); returns {"models", "baseline", "rows", "families", "notes", "timing", "markdown", ...}."""
+    from cqd.analysis.robustness import robustness as _robustness
+
+    return _robustness(models, _cfg(config, overrides), specs=specs, baseline=baseline, out=out, labels=labels)
+
+
+def predict(model_path: str | Path, inputs, top_k: int = 5, batch_size: int = 64, device: str = "auto",
+            strict: bool = False) -> list[dict]:
+    """The top-k classes of image files or folders of images by a saved `model.pt` or an exported `.onnx`, prepared
+    as the model's training images were: [{"image", "top": [{"class", "index", "probability"}, ...]}].
+    Unreadable images are skipped with a warning naming them (`strict`: an error)."""
+    from cqd.predict import predict as _predict
+
+    return _predict(model_path, inputs, top_k=top_k, batch_size=batch_size, device=device, strict=strict)
 
 
 def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -> dict:

@@ -19,7 +19,7 @@ DEMO_SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "
 # What `cqd COMMAND --help` shows under "examples" (tests/test_cli_help.py runs each of them, made tiny)
 EXAMPLES = {
     "train": ["cqd train --config lowres method.name=cqd method.cqd.lam=50",
-              "cqd train --config lowres method.name=fitnet train.epochs=2"],
+              "cqd train --config lowres method.name=fitnet train.epochs=2 out_dir=runs/lowres_fitnet"],
     "eval": ["cqd eval --model runs/lowres/model.pt --config lowres data.degradation=lowres:size=4"],
     "export": ["cqd export --model runs/lowres/model.pt --format onnx"],
     "table": ["cqd table --config quick seeds=[0]"],
@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
     cfg = load_run_config(args.config, _overrides(args))
     from cqd.api import train
 
-    res = train(cfg, resume=args.resume)
+    res = train(cfg, resume=args.resume, force=args.force)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
         from cqd.tasks import task_of
 
@@ -89,7 +89,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from cqd.api import export
 
-    res = export(args.model, args.format, *_overrides(args), out=args.out, config=args.config, check=not args.no_check)
+    res = export(args.model, args.format, *_overrides(args), out=args.out, config=args.config, check=not args.no_check,
+                 force=args.force)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -103,10 +104,10 @@ def cmd_show(args) -> int:
     args.specs = [w for w in words if not re.match(r"[A-Za-z_][\w.]*=", w)]
     args.overrides = [*args.overrides, *(w for w in words if w not in args.specs)]
     cfg = load_run_config(args.config, _overrides(args))
-    from cqd.data import DATASETS
     from cqd.reports.figures import degradation_grid
+    from cqd.tasks.classification.data import open_split
 
-    ds = DATASETS.get(cfg.data.name)(cfg.data.root, "test", cfg.data.image_size, on_corrupt=cfg.data.on_corrupt)
+    ds = open_split(cfg.data, "test")  # (paired_folder: with its low-quality tree)
     specs = args.specs or DEMO_SPECS
     out = degradation_grid(ds, specs, args.out, n=args.n, hq_view=cfg.data.hq_view, seed=cfg.data.seed)
     print(f"wrote {out}")
@@ -208,6 +209,29 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_robustness(args) -> int:
+    from cqd.engine.schema import load_run_config
+
+    words = [*args.models, *(args.specs or [])]  # key=value words typed after --models or --specs are overrides
+    args.overrides = [*args.overrides, *(w for w in words if re.match(r"[A-Za-z_][\w.]*=", w))]
+    models, specs = ([w for w in ws or [] if w not in args.overrides] for ws in (args.models, args.specs))
+    cfg = load_run_config(args.config, _overrides(args))
+    from cqd.api import robustness
+
+    res = robustness(models, cfg, specs=specs or None, baseline=args.baseline, out=args.out)
+    print("\n" + res["markdown"] + f"\nwrote {res['out']}/robustness.csv, .json, .md, .png")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cqd.api import predict
+    from cqd.predict import write_predictions
+
+    rows = predict(args.model, args.inputs, args.top_k, args.batch_size, args.device, args.strict)
+    print(write_predictions(rows, args.out, args.format), end="")
+    return 0
+
+
 def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; `registries` names the command whose help lists the registered methods and tasks
     (only that help imports them: `cqd --help` stays light)."""
@@ -221,6 +245,7 @@ def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
     p = command("train", "train one run of a method as configured (`cqd train --help` lists the methods)")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.ckpt")
+    p.add_argument("--force", action="store_true", help="replace a finished run in out_dir (default: an error)")
     p.set_defaults(func=cmd_train)
 
     p = command("eval", "top-1 of a saved model.pt on the config's high- and low-quality test views")
@@ -237,6 +262,7 @@ def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
                         "pt2 (torch.export; fp32 or int8)")
     p.add_argument("--out", help="output file (default: beside the model: model.onnx, model.ts.pt, model.pt2)")
     p.add_argument("--no-check", action="store_true", help="write without running the file on the test set")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (never the model itself)")
     _common(p)
     p.set_defaults(func=cmd_export)
 
@@ -275,7 +301,30 @@ def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--n", type=int, default=1000, help="test images to compute tau on (default 1000)")
     p.set_defaults(func=cmd_explain)
+    _after_training(command)
     return ap
+
+
+def _after_training(command) -> None:
+    """`cqd robustness` and `cqd predict`."""
+    p = command("robustness", "top-1 and mCE of saved models under a sweep of degradations (table, CSV, figure)")
+    p.add_argument("--models", nargs="+", required=True, help="model.pt files; the figure labels them by method")
+    p.add_argument("--specs", nargs="+", help="degradation specs replacing the config's sweep (robustness:)")
+    p.add_argument("--baseline", help="mCE's reference: one of the models (path or label; default: the first)")
+    p.add_argument("--out", help="output folder (default: <out_dir>/robustness)")
+    _common(p)
+    p.set_defaults(func=cmd_robustness)
+
+    p = command("predict", "top-k classes and probabilities of images by a model.pt or exported .onnx")
+    p.add_argument("--model", required=True, help="model.pt written by `cqd train`, or a .onnx of `cqd export`")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders of images")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda (model.pt only)")
+    p.add_argument("--out", help="write to this file instead of stdout (.json: JSON)")
+    p.add_argument("--format", choices=["csv", "json"], help="default: csv, or json for an --out ending in .json")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: skipped)")
+    p.set_defaults(func=cmd_predict)
 
 
 def _positive_int(text: str) -> int:

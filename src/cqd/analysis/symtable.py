@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from cqd.config import apply_overrides, load_yaml, validate
@@ -31,10 +31,11 @@ from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.precision import flush_denormals, make_fabric
 from cqd.engine.schema import RunConfig
-from cqd.errors import ConfigError
-from cqd.experiments.grid import cell_config, claim, run_grid
-from cqd.experiments.schema import ColumnConfig, GridConfig, RowConfig, with_base
-from cqd.files import save_json, save_text
+from cqd.errors import CheckpointError, ConfigError
+from cqd.experiments.grid import cell_config, run_grid
+from cqd.experiments.locks import claim
+from cqd.experiments.schema import ColumnConfig, GridConfig, RowConfig, distinct_seeds, with_base
+from cqd.files import load_json, save_json, save_text
 from cqd.methods.symcqd import conditioned_logits, predict_mix
 from cqd.schema import Strict
 from cqd.sym import corners_midpoints_centre, draw_c
@@ -67,6 +68,11 @@ class SymTableConfig(Strict):
     reference: str | None = Field(None, description="text printed under the table")
     base: RunConfig
     eval: SymEvalConfig = SymEvalConfig()
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        return distinct_seeds(v)
 
     def model_post_init(self, _) -> None:
         if self.base.data.mix is None:
@@ -261,6 +267,22 @@ def summarize(cfg: SymTableConfig, per_seed: list[dict]) -> tuple[str, dict]:
     return md, summary
 
 
+def _scored(path: Path, settings: dict, log: Callable[[str], None]) -> bool:
+    """Whether `path` holds a seed's scores made with these test mixes (a file of other `eval:` settings, or one
+    that cannot be read, is scored again; files written before the settings were recorded count as scored)."""
+    if not path.is_file():
+        return False
+    try:
+        saved = load_json(path).get("settings", settings)
+    except (CheckpointError, AttributeError):
+        log(f"{path} cannot be read: scoring that seed again")
+        return False
+    if saved != json.loads(json.dumps(settings)):
+        log(f"{path} was scored with other test mixes ({saved} -> {settings}): scoring that seed again")
+        return False
+    return True
+
+
 def sym_table(cfg: SymTableConfig, force: bool = False, on_cell=None, log: Callable[[str], None] = print,
               poll_s: float = 5.0) -> dict:
     """Train (or reuse) every network of the table, score each seed once (several processes split the seeds),
@@ -271,16 +293,17 @@ def sym_table(cfg: SymTableConfig, force: bool = False, on_cell=None, log: Calla
         run_grid(grid, force=force, on_cell=on_cell, log=log)
         out = Path(cfg.out_dir)
         results = {}
+        settings = {"eval": cfg.eval.model_dump(), "degradations": list(cfg.base.data.mix.degradations)}
         for seed in cfg.seeds:
             path = out / "scores" / f"s{seed}.json"
             with claim(path.parent / f"s{seed}") as mine:
-                if mine and (force or not path.is_file()):
-                    save_json(score_seed(cfg, grid, seed, log), path)
+                if mine and (force or not _scored(path, settings, log)):
+                    save_json({**score_seed(cfg, grid, seed, log), "settings": settings}, path)
         for seed in cfg.seeds:  # scored here or by another process
             path = out / "scores" / f"s{seed}.json"
             while not path.is_file():
                 time.sleep(poll_s)
-            results[seed] = json.loads(path.read_text())
+            results[seed] = load_json(path)
     md, summary = summarize(cfg, [results[s] for s in cfg.seeds])
     degs = cfg.base.data.mix.degradations
     header = (f"# {cfg.name}\n\nK = {len(degs)}: {', '.join(degs)}; model {cfg.base.model}; seeds {cfg.seeds}; "

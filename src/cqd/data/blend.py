@@ -49,6 +49,11 @@ def check_mixable(specs: list[str]) -> list[Degradation]:
         raise CQDError(f"a mix needs at least 2 degradations, got {len(specs)} ({specs}); "
                        "for one, use data.degradation")
     Ts = [parse_degradation(s) for s in specs]
+    canonical = [T.spec() for T in Ts]
+    twice = [spec for i, spec in enumerate(specs) if canonical[i] in canonical[:i]]
+    if twice:
+        raise CQDError(f"degradation {twice[0]!r} is listed twice in the mix ({specs}): each of the K degradations "
+                       "is one component of c, and two equal ones make c ambiguous; list each once")
     for spec, T in zip(specs, Ts):
         if T.needs_bank:
             raise CQDError(f"degradation {spec!r} moves the object into other images (its twins differ in geometry), "

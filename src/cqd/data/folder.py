@@ -17,11 +17,11 @@ LAYOUT = """root/
   test/<class name>/<image>   (test classes must also exist under train/)"""
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
@@ -40,13 +40,13 @@ def records(root: str | Path | None, split: str) -> tuple[list[Record], list[str
             f"{root} has no {' or '.join(s + '/' for s in missing)} subfolder; the folder dataset needs both "
             f"splits. Expected layout:\n{LAYOUT}"
         )
-    classes = _class_dirs(root / "train")
+    classes = class_dirs(root / "train")
     if not classes:
         raise DataError(f"{root / 'train'} has no class subfolders. Expected layout:\n{LAYOUT}")
-    unknown = sorted(set(_class_dirs(root / split)) - set(classes))
+    unknown = sorted(set(class_dirs(root / split)) - set(classes))
     if unknown:
         raise DataError(f"{root / split} has class folder(s) {', '.join(unknown)} that {root / 'train'} lacks")
-    out = [Record(p, label) for label, name in enumerate(classes) for p in _images(root / split / name)]
+    out = [Record(p, label) for label, name in enumerate(classes) for p in image_files(root / split / name)]
     if not out:
         raise DataError(f"{root / split} holds no images with a known extension ({', '.join(EXTENSIONS)})")
     return out, classes

@@ -28,8 +28,8 @@ class MixConfig(Strict):
             check_mixable(self.degradations)
         except CQDError as e:
             raise ValueError(str(e)) from None
-        if self.c is not None and (len(self.c) != len(self.degradations) or min(self.c) < 0
-                                   or abs(sum(self.c) - 1) > 1e-4):
+        if self.c is not None and (len(self.c) != len(self.degradations) or not all(v >= 0 for v in self.c)
+                                   or not abs(sum(self.c) - 1) <= 1e-4):  # NaN fails both
             raise ValueError(f"c={self.c} must be a point on the simplex with one weight per degradation "
                              f"({len(self.degradations)}): every weight >= 0, summing to 1")
         return self
@@ -38,6 +38,10 @@ class MixConfig(Strict):
 class DataConfig(Strict):
     name: str = "fashion_mnist"
     root: str | None = None
+    root_lq: str | None = Field(None, description="dataset paired_folder: the low-quality tree, matched to data.root "
+                                                  "by relative path (<split>/<class>/<name>, any extension)")
+    test_lq_only: bool = Field(False, description="dataset paired_folder: the test set is root_lq/test alone (real "
+                                                  "low-quality images without twins; acc_hq is not reported)")
     image_size: int = Field(32, ge=8, le=2048)
     train_subset: int | None = Field(None, ge=1, description="use the first N of a fixed shuffle of the train split")
     test_subset: int | None = Field(None, ge=1)
@@ -61,6 +65,16 @@ class DataConfig(Strict):
     @classmethod
     def _dataset(cls, v: str) -> str:
         return DATASETS.check(v)
+
+    @model_validator(mode="after")
+    def _real_pairs(self) -> "DataConfig":
+        if self.name == "paired_folder" and self.root_lq is None:
+            raise ValueError("data.name: paired_folder needs data.root_lq, the folder of the low-quality images")
+        if self.name != "paired_folder" and self.root_lq is not None:
+            raise ValueError(f"data.root_lq is for data.name: paired_folder, not {self.name!r}")
+        if self.test_lq_only and self.name != "paired_folder":
+            raise ValueError("data.test_lq_only is for data.name: paired_folder (a low-quality test tree)")
+        return self
 
     @field_validator("degradation", "hq_degradation")
     @classmethod

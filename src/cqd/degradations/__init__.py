@@ -19,7 +19,7 @@ from cqd.registry import Registry, import_modules
 DEGRADATIONS: Registry[type[Degradation]] = Registry("degradation")
 DEGRADATIONS.register("none")(Identity)
 
-import_modules(__name__, __path__, skip=("base",))  # each module registers its class
+import_modules(__name__, __path__, skip=("base", "sweep"))  # each module registers its class (sweep: specs only)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

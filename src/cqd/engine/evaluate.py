@@ -24,9 +24,10 @@ def evaluate_saved(model_path: str | Path, cfg: RunConfig, c=None) -> dict:
         _, test_ds, _, base_test = task.build_datasets(cfg)
         method = METHODS.get(cfg.method.name)
         classes = method.num_outputs(base_test.num_classes, cfg.method.params)
-        model, ck = load_model(model_path, classes, base_test.in_chans)
+        model, ck = load_model(model_path, classes, base_test.in_chans, task=cfg.task)
         model, form = deployed(model, ck, model_path)  # a QAT model is evaluated in its converted int8 form
         model, c = at_mix(model, ck, c, task, model_path)
+        needs_mix(model, ck, cfg, model_path)
         if form == "int8":  # the int8 graph computes in fp32 between its quantize/dequantize ops: no autocast
             fabric = make_fabric(cfg.train.model_copy(update={"precision": "32-true"}), devices=1)
         loader = fabric.setup_dataloaders(eval_loader(cfg, test_ds, base_test), use_distributed_sampler=False)
@@ -53,3 +54,20 @@ def at_mix(model, ck: dict, c, task, path) -> tuple:
                               "trains): evaluate it without c")
         return model, None
     return task.at_mix(model, ck, c, path)
+
+
+def needs_mix(model, ck: dict, cfg: RunConfig, path) -> None:
+    """A classifier conditioned on the mix c (method symcqd) is evaluated on blends that carry their c: with a
+    config of a mix-conditioned method and `data.mix` (as it was trained), else a ConfigError saying so."""
+    from cqd.models.sym import SymNet
+
+    if not isinstance(model, SymNet) or METHODS.get(cfg.method.name).mix_conditioned:
+        return
+    saved = ck.get("config") or {}
+    mix = (saved.get("data") or {}).get("mix") or {}
+    degs = ",".join(mix.get("degradations") or []) or "..."
+    method = (saved.get("method") or {}).get("name", "symcqd")
+    raise ConfigError(f"{path} is conditioned on the quality mix c of {model.k} degradations (method {method!r}): "
+                      f"evaluate it on blends that carry their c, with method.name={method} and "
+                      f"data.mix.degradations=[{degs}] (as trained), and data.mix.c=[...] for one fixed mix; this "
+                      f"config's method {cfg.method.name!r} gives it no c")

@@ -17,6 +17,7 @@ from cqd.compress.schema import CompressConfig
 from cqd.config import apply_overrides, load_yaml, short, validate
 from cqd.data.schema import DataConfig
 from cqd.degradations import check_spec
+from cqd.degradations.sweep import SweepConfig
 from cqd.errors import ConfigError
 from cqd.methods import METHODS
 from cqd.methods.schema import method_schema
@@ -114,6 +115,8 @@ class RunConfig(Strict):
     method: Any = Field(None, description="the method and its sections (`cqd.methods.schema`)")
     train: TrainConfig = TrainConfig()
     compress: CompressConfig = Field(CompressConfig(), description="prune and/or quantization-aware training of g")
+    robustness: SweepConfig | None = Field(None, description="the degradations and severities `cqd robustness` "
+                                                             "sweeps (`cqd.degradations.sweep`); default: its sweep")
 
     @field_validator("model")
     @classmethod
@@ -135,6 +138,21 @@ class RunConfig(Strict):
                 if name != task and name in data and name not in cls.model_fields:
                     raise ValueError(f"`{name}:` is the section of task {name!r}, but this run's task is {task!r}: "
                                      f"set task: {name}, or remove the section")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ensemble_teachers(cls, data: Any) -> Any:
+        """An ensemble method (ens, feed) with `teachers: []` and no `teacher:` would distill from one default
+        teacher trained for it: an error. (A config that omits `teachers`, or gives `teacher:`, has its one teacher;
+        a dumped config holds both keys, so it never trips this.)"""
+        if isinstance(data, dict) and data.get("teachers") == [] and "teacher" not in data:
+            method = data.get("method")
+            name = method.get("name") if isinstance(method, dict) else None
+            if isinstance(name, str) and name in METHODS and METHODS.get(name).ensemble:
+                raise ConfigError(f"teachers is empty, but method {name!r} distills from the `teachers` list: list "
+                                  "them (e.g. teachers=[{model: resnet14}, {model: wrn_16_2}]), or drop `teachers` "
+                                  "to distill from the one `teacher`")
         return data
 
     @model_validator(mode="after")

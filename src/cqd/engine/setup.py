@@ -15,7 +15,7 @@ from lightning_fabric import Fabric
 from cqd.compress.compressor import Compressor
 from cqd.engine.hooks import Compression, Hooks, MetricsLog, ProgressBar
 from cqd.engine.loaders import eval_loader, make_loader
-from cqd.engine.model_files import build_model, same_architecture
+from cqd.engine.model_files import build_model, input_meta, same_architecture
 from cqd.engine.precision import fp32_for_qat, make_fabric
 from cqd.engine.sampling import EpochSampler
 from cqd.engine.schema import RunConfig
@@ -46,6 +46,7 @@ class Setup:
     val_loader: Any = None
     steps_per_epoch: int = 0
     total: int = 0
+    meta: dict = field(default_factory=dict)  # how g's inputs are made (model.pt's classes, mean, std, image_size)
 
 
 def build(cfg: RunConfig, resume: bool, fabric: Fabric | None, train: Callable) -> Setup:
@@ -61,6 +62,7 @@ def build(cfg: RunConfig, resume: bool, fabric: Fabric | None, train: Callable) 
     s.num_classes = method_cls.num_outputs(base_train.num_classes, cfg.method.params)
     s.in_chans = base_train.in_chans
     s.maker, s.test_maker = s.task.make_maker(cfg, base_train), s.task.make_maker(cfg, base_test)
+    s.meta = input_meta(base_train, s.maker, cfg.data.image_size)
     if method_cls.needs_teacher(cfg):
         s.teachers = Teachers(cfg, base_train, base_train.num_classes, s.in_chans, fabric, train, s.log)
     _method(s, method_cls, train_ds, base_train)

@@ -18,7 +18,9 @@ from torch.utils.data import Subset
 
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.teacher_cache import cache_key, cached_teacher_logits
+from cqd.errors import CheckpointError, CQDError
 from cqd.methods.base import freeze
+from cqd.models.factory import builtin_spec
 from cqd.models.taps import FeatureTaps
 from cqd.tasks import task_of
 
@@ -57,6 +59,31 @@ def teacher_file(cfg, k: int, train: Callable, log: Callable[[str], None]) -> Pa
     return path
 
 
+def check_teacher_model(cfg, k: int, ck: dict, path) -> None:
+    """An explicitly set `teacher.model` (or `teachers[k].model`) is the architecture of the checkpoint it is given:
+    else a CheckpointError naming both (the file's architecture would be used without a word)."""
+    want = cfg.teacher_list[k].model
+    if want is None:
+        return
+    want = task_of(cfg).model_name(cfg, want)
+    if _same_model(want, ck["model_name"]):
+        return
+    key = "teacher.model" if not cfg.teachers else f"teachers[{k}].model"
+    raise CheckpointError(f"{path} holds a {ck['model_name']!r} network, but {key} is {want!r}: set {key} to "
+                          f"{ck['model_name']!r} (or leave it unset to follow the checkpoint), or give a checkpoint "
+                          f"of {want!r}")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same model name, its `key=value` options in any order (`edsr:blocks=4,feats=16` = `edsr:feats=16,...`)."""
+    if a == b:
+        return True
+    try:
+        return builtin_spec(a) == builtin_spec(b)
+    except CQDError:
+        return False
+
+
 class Teachers:
     """The loaded, frozen teachers of a run, each with the maker of its own x when its view differs."""
 
@@ -70,7 +97,8 @@ class Teachers:
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         for k, t in enumerate(cfg.teacher_list):
             path = teacher_file(cfg, k, train, log)
-            model, _ = load_model(path, num_classes, in_chans)
+            model, ck = load_model(path, num_classes, in_chans)
+            check_teacher_model(cfg, k, ck, path)
             self.models.append(freeze(model.to(fabric.device, memory_format=fmt)))
             self.paths.append(str(path))
             own = (t.view or cfg.data.hq_view, t.degradation or cfg.data.hq_degradation)

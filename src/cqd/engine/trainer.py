@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
@@ -32,19 +34,40 @@ from cqd.methods import METHODS, Step
 CKPT, RESULT, METRICS = "last.ckpt", "result.json", "metrics.csv"
 
 
-def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = None, on_epoch=None) -> dict:
+def train(cfg: RunConfig | dict, resume: bool = False, fabric: Fabric | None = None, on_epoch=None,
+          force: bool = False) -> dict:
     """Train one run as configured; returns the result dict also written to `<out_dir>/result.json`.
 
     `on_epoch(row)` is called after each epoch's checkpoint with that epoch's metrics (the row of
     metrics.csv); a true return value ends the run there (e.g. a tuner's pruning), as a finished run.
+    An `out_dir` that holds a finished run is an error unless `resume` (continue it) or `force` (replace it).
     """
     cfg = run_config(cfg)
     method = METHODS.get(cfg.method.name)
     if method.rounds(cfg.method.params) > 1:
         raise ConfigError(f"method {cfg.method.name!r} trains {method.rounds(cfg.method.params)} sequential rounds: "
                           "one run per round, which cqd.experiments.rounds.train (and `cqd train`) does")
+    if not resume:
+        fresh_out_dir(Path(cfg.out_dir), force)
     with flush_denormals():
         return Run.start(cfg, resume, fabric).fit(on_epoch)
+
+
+def fresh_out_dir(out: Path, force: bool = False) -> None:
+    """A run that starts from the beginning in `out`: a finished run there (its model.pt or result.json) is an
+    error naming the ways on, or with `force` is deleted first (with its last.ckpt), saying so."""
+    done = [name for name in (MODEL, RESULT) if (out / name).is_file()]
+    if not done:
+        return
+    if not force:
+        raise ConfigError(f"{out} holds a finished run ({', '.join(done)}), which training from the beginning would "
+                          "replace: continue or re-evaluate it with --resume, replace it with --force (api: "
+                          f"force=True), or give a new out_dir (e.g. out_dir={out}-2)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one says so
+        print(f"replacing the finished run in {out} (--force / force=True: its {', '.join(done)} and last.ckpt are "
+              "deleted)", flush=True)
+    for name in (RESULT, MODEL, CKPT):
+        (out / name).unlink(missing_ok=True)
 
 
 class Run:
@@ -306,7 +329,8 @@ class Run:
                   "params": count_params(self.method.deployable()), **self._records(),
                   "history": self.history, "config": cfg.model_dump()}
         if fabric.is_global_zero:
-            save_model(self.method.deployable(), cfg, s.num_classes, s.in_chans, self.out / MODEL, result["compress"])
+            save_model(self.method.deployable(), cfg, s.num_classes, s.in_chans, self.out / MODEL, result["compress"],
+                       s.meta)
             save_json(result, self.out / RESULT)
         fabric.barrier()
         return result

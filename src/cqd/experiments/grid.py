@@ -1,8 +1,9 @@
 """The paper's Table 1 as a grid of runs: rows (named override sets, usually methods) x columns
 (degradations and views) x seeds.
 
-Each cell is a run folder with a `result.json`; a cell whose result exists is skipped, so a grid
-is resumable and `--force` redoes cells. Several processes (or machines sharing the folder) can
+Each cell is a run folder with a `result.json`; a cell whose result exists and was made under the
+same settings (`finished`) is skipped, so a grid is resumable; a result made under other settings
+stops the grid (`CellMismatch`), and `--force` redoes cells. Several processes (or machines sharing the folder) can
 work on one grid: a cell is claimed by creating its lock file exclusively, and a lock whose
 process is gone (same host) is taken over. Each distinct teacher is trained once per seed and
 shared by every cell that needs it.
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import socket
 import time
-from contextlib import contextmanager
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 from pydantic import ValidationError
@@ -28,9 +30,10 @@ from cqd.engine.model_files import MODEL
 from cqd.engine.schema import RunConfig
 from cqd.engine.teachers import teacher_run_config
 from cqd.engine.trainer import RESULT
-from cqd.errors import ConfigError
+from cqd.errors import CheckpointError, ConfigError
+from cqd.experiments.locks import claim, holder
 from cqd.experiments.schema import GridConfig, RowConfig
-from cqd.files import save_json
+from cqd.files import load_json, save_json
 from cqd.methods import METHODS
 from cqd.tasks import task_of
 
@@ -43,67 +46,6 @@ class Cell:
     cfg: RunConfig
     column: str | None = None  # None for a teacher's run
     row: str | None = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def claim(cell: Path):
-    """Yield True if this process owns `cell` (exclusive lock file), False if another live one does.
-
-    The lock is written whole under a temporary name and hard-linked into place (link fails if the
-    lock exists), so no lock is ever seen empty or half-written by another process. A lock that cannot
-    be read (left by something else, or a truncated disk write) is taken over once it is older than
-    UNREADABLE_LOCK_S; one from a dead process on this host at once.
-    """
-    cell.mkdir(parents=True, exist_ok=True)
-    lock = cell / ".lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    tmp = cell / f".lock.{me['host']}.{me['pid']}.tmp"
-    tmp.write_text(json.dumps(me))
-    try:
-        for _ in range(2):
-            try:
-                os.link(tmp, lock)
-            except FileExistsError:
-                if not _stale(lock, me["host"]):
-                    yield False
-                    return
-                lock.unlink(missing_ok=True)
-                continue
-            try:
-                yield True
-            finally:
-                lock.unlink(missing_ok=True)
-            return
-        yield False
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-UNREADABLE_LOCK_S = 60.0
-
-
-def _stale(lock: Path, host: str) -> bool:
-    try:
-        owner = json.loads(lock.read_text())
-        pid = int(owner["pid"])
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        try:
-            return time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_S
-        except FileNotFoundError:
-            return True
-    return owner.get("host") == host and not _alive(pid)
 
 
 def flatten(nested: dict, prefix: str = "") -> dict:
@@ -156,11 +98,12 @@ def cell_config(grid: GridConfig, column: str, row: RowConfig, seed: int, out: P
 _NOT_THE_TEACHER = ("name", "out_dir", "cache_dir", "seed", "data.degradation", "data.lq_view", "data.twin_cache_mb",
                     "data.num_workers", "train.progress", "train.eval_every", "train.cache_teacher",
                     "train.feature_cache_mb", "data.hq_view", "data.hq_degradation", "data.mix",
-                    "sr.test", "train.check_every")
+                    "sr.test", "train.check_every", "data.root_lq", "data.test_lq_only")
 
 
 def _teacher_digest(tcfg: RunConfig) -> str:
-    keep = {k: v for k, v in weight_settings(tcfg.model_dump()).items() if k not in _NOT_THE_TEACHER}
+    dump = tcfg.model_dump(exclude={"robustness"})  # (the sweep trains nothing)
+    keep = {k: v for k, v in weight_settings(dump).items() if k not in _NOT_THE_TEACHER}
     if not keep.get("plugins"):  # a key added later: absent from earlier digests while unused
         keep.pop("plugins", None)
     keep.update(task_of(tcfg).legacy_digest)
@@ -216,11 +159,97 @@ def plan(grid: GridConfig, out: Path) -> list[Cell]:
     return cells
 
 
-def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dict | None:
+# Settings that do not change a cell's result: where it is written and read from, how it is shown, cached, fed and
+# parallelized (`train.devices` and `num_nodes` stay: they set the global batch; `train.precision` stays: it sets the
+# arithmetic). A `robustness:` sweep trains nothing and is not in a cell's result.
+NOT_THE_RESULT = ("name", "out_dir", "cache_dir", "plugins", "data.root", "data.root_lq", "data.num_workers",
+                  "data.twin_cache_mb", "train.progress", "train.eval_every", "train.check_every",
+                  "train.feature_cache_mb", "train.cache_teacher", "train.accelerator", "train.strategy", "robustness")
+# ... nor a shared teacher's: it trains on its own x (its folder names its view and seed), whatever the column's z
+NOT_THE_TEACHERS_RESULT = NOT_THE_RESULT + ("data.degradation", "data.lq_view", "data.mix", "sr.test",
+                                            "data.test_lq_only")
+
+
+def fingerprint(config: Mapping, teacher: bool = False) -> dict[str, Any]:
+    """The settings that shaped a cell's result, from its run config (a RunConfig's dump, or the `config` a
+    result.json holds, of any cqd version: `migrate_config` first, so a classification config that still holds an
+    `sr:` section compares equal): `weight_settings` less NOT_THE_RESULT (a shared teacher's: less
+    NOT_THE_TEACHERS_RESULT; a QAT cell also less `train.precision`, as it trains in fp32 and records 32-true), with
+    teacher checkpoints as paths relative to the cell's out_dir (a grid's shared teachers move with its folder), as
+    JSON gives them back."""
+    flat = weight_settings(config)
+    skip = NOT_THE_TEACHERS_RESULT if teacher else NOT_THE_RESULT
+    keep = {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in skip)}
+    if keep.get("compress.qat") is True:  # QAT trains in fp32 whatever train.precision says (the run records 32-true)
+        keep.pop("train.precision", None)
+    here = str(config.get("out_dir") or ".")
+
+    def rel(path):
+        return os.path.relpath(path, here) if isinstance(path, str) else path
+
+    if "teacher.checkpoint" in keep:
+        keep["teacher.checkpoint"] = rel(keep["teacher.checkpoint"])
+    if isinstance(keep.get("teachers"), list):
+        keep["teachers"] = [{**t, "checkpoint": rel(t.get("checkpoint"))} if isinstance(t, Mapping) else t
+                            for t in keep["teachers"]]
+    return json.loads(json.dumps(keep, default=str))
+
+
+def _equal(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def changed(old: Mapping, new: Mapping, teacher: bool = False, ignore: tuple[str, ...] = ()) -> list[tuple]:
+    """(key, old value, new value) of each setting that shaped a result and differs between two run configs (keys
+    that only one of them has, from another cqd version, and the keys in `ignore` are not compared)."""
+    a, b = fingerprint(old, teacher), fingerprint(new, teacher)
+    return [(k, a[k], b[k]) for k in sorted(set(a) & set(b) - set(ignore)) if not _equal(a[k], b[k])]
+
+
+class CellMismatch(ConfigError):
+    """Finished cells whose results were made under other settings than the grid's now. `cells`: [(cell name,
+    [(key, old, new), ...])]."""
+
+    def __init__(self, cells: list[tuple[str, list[tuple[str, Any, Any]]]]):
+        self.cells = cells
+        shown = "; ".join(f"{name} (" + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in diff[:3])
+                          + (f" and {len(diff) - 3} more" if len(diff) > 3 else "") + ")" for name, diff in cells[:6])
+        more = f"; and {len(cells) - 6} more cell(s)" if len(cells) > 6 else ""
+        super().__init__(f"{len(cells)} finished cell(s) were trained under other settings than this config's, and "
+                         f"would be reused as they are: {shown}{more}. Retrain them with --force (cqd table / cqd "
+                         "sym; api: force=True), or give another out_dir to keep both; nothing was trained")
+
+
+def finished(cfg: RunConfig, teacher: bool = False, ignore: tuple[str, ...] = ()) -> dict | None:
+    """The result of cell `cfg` when it is finished under `cfg`'s settings; None when it has no result (or one that
+    cannot be read: a warning names it, and the cell is redone); a CellMismatch when its result was made under
+    other settings (`teacher`: the cell is a shared teacher, compared as such; `ignore`: keys an executor allows
+    to differ, e.g. a study's searched keys for its own teacher). The one rule of every executor."""
+    path = Path(cfg.out_dir) / RESULT
+    if not path.is_file():
+        return None
+    try:
+        res = load_json(path)
+    except CheckpointError as e:
+        warnings.warn(f"{e}: redoing cell {cfg.name}", stacklevel=2)
+        return None
+    if not isinstance(res, dict):
+        warnings.warn(f"{path} holds no result (a {type(res).__name__}): redoing cell {cfg.name}", stacklevel=2)
+        return None
+    if isinstance(res.get("config"), Mapping):  # (results of every cqd version hold their config)
+        diff = changed(res["config"], cfg.model_dump(), teacher, ignore)
+        if diff:
+            raise CellMismatch([(cfg.name, diff)])
+    return res
+
+
+def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None, teacher: bool = False,
+             ignore: tuple[str, ...] = ()) -> dict | None:
     """Run one cell unless done or claimed by another process; returns its result (None if held elsewhere).
 
-    With `redo_before` (a time.time()), a result written before then is redone (`--force`); one
-    written since, e.g. by another process of the same forced grid, counts as done.
+    Done: `finished` (a result made under the same settings; another result is a CellMismatch). With
+    `redo_before` (a time.time()), a result written before then is redone (`--force`); one written since, e.g.
+    by another process of the same forced grid, counts as done. `teacher`, `ignore`: as `finished` takes them.
     """
     from cqd.engine.evaluate import evaluate_saved
     from cqd.experiments.rounds import train
@@ -228,23 +257,25 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None) -> dic
     out = Path(cfg.out_dir)
     result = out / RESULT
 
-    def done() -> bool:
-        return result.is_file() and (redo_before is None or result.stat().st_mtime >= redo_before)
+    def done() -> dict | None:
+        if redo_before is not None and result.is_file() and result.stat().st_mtime < redo_before:
+            return None
+        return finished(cfg, teacher, ignore)
 
-    if done():
-        return json.loads(result.read_text())
+    if (res := done()) is not None:
+        return res
     with claim(out) as mine:
         if not mine:
             return None
-        if done():  # finished by another process between the check and the claim
-            return json.loads(result.read_text())
+        if (res := done()) is not None:  # finished by another process between the check and the claim
+            return res
         if redo_before is not None:
             for name in (RESULT, "last.ckpt", MODEL):
                 (out / name).unlink(missing_ok=True)
         if kind == "train":
             return train(cfg, resume=True)
         t0 = time.perf_counter()
-        teacher_result = json.loads((Path(cfg.teacher.checkpoint).parent / RESULT).read_text())
+        teacher_result = load_json(Path(cfg.teacher.checkpoint).parent / RESULT)
         res = evaluate_saved(cfg.teacher.checkpoint, cfg)
         res = {**teacher_result, "name": cfg.name, "degradation": cfg.data.degradation, **task_of(cfg).result(res),
                "eval_s": time.perf_counter() - t0, "config": cfg.model_dump()}
@@ -257,49 +288,64 @@ def collect(grid: GridConfig) -> list[tuple[Cell, dict | None]]:
     out = []
     for cell in plan(grid, Path(grid.out_dir)):
         path = Path(cell.cfg.out_dir) / RESULT
-        out.append((cell, json.loads(path.read_text()) if path.is_file() else None))
+        out.append((cell, load_json(path) if path.is_file() else None))
     return out
 
 
-def holder(cell: Path) -> str:
-    """Who holds `cell`'s lock, for a message."""
-    lock = cell / ".lock"
-    try:
-        owner = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        owner = {}
-    return f"{lock} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')})"
-
-
 def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
-             poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> None:
-    """Run every cell not yet done (with `force`, every cell whose result predates this call).
+             poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> dict:
+    """Run every cell not yet done (with `force`, every cell whose result predates this call); returns
+    {"reused": names of the cells finished before this call under the same settings, not run again}.
 
+    First every finished-looking cell is checked (`finished`): one whose result was made under other settings
+    stops the grid before anything is trained (a CellMismatch naming the cells and keys), unless `force`.
     A cell held by another process, or whose teacher another process is still training, is
     retried after the others; the call returns when every cell has a result. While only such
     cells are left, every `note_s` seconds `log` names the locks it waits for.
     """
     out = Path(grid.out_dir)
+    pending, reused, stale = plan(grid, out), [], []
+    for cell in pending:
+        try:
+            if finished(cell.cfg, teacher=cell.column is None) is not None:
+                reused.append(cell.cfg.name)
+        except CellMismatch as e:
+            stale += e.cells
+    if stale and not force:
+        raise CellMismatch(stale)
     out.mkdir(parents=True, exist_ok=True)
     save_json(grid.model_dump(), out / "grid.json")
-    pending, noted, since = plan(grid, out), time.monotonic(), time.time() if force else None
+    if stale:
+        log(f"--force: retraining {len(stale)} cell(s) trained under other settings: "
+            + ", ".join(name for name, _ in stale))
+    if force:
+        reused = []
+    elif reused:
+        log(f"reused {len(reused)} finished cell(s) whose settings match this config: {', '.join(reused)}")
+    noted, since = time.monotonic(), time.time() if force else None
     while pending:
         waiting = []
         for cell in pending:
             if any(t.checkpoint is not None and not Path(t.checkpoint).is_file() for t in cell.cfg.teacher_list):
                 waiting.append(cell)
                 continue
-            res = run_cell(cell.kind, cell.cfg, redo_before=since)
+            res = run_cell(cell.kind, cell.cfg, redo_before=since, teacher=cell.column is None)
             if res is None:
                 waiting.append(cell)
             elif on_cell:
                 on_cell(cell.cfg.name, res)
         if len(waiting) == len(pending):
             if time.monotonic() - noted >= note_s:
-                held = [holder(Path(c.cfg.out_dir)) for c in waiting if (Path(c.cfg.out_dir) / ".lock").is_file()]
-                log(f"waiting for {len(waiting)} cell(s) that other processes hold or need: {'; '.join(held[:3])}"
-                    + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-                    + ". A lock whose process is gone is taken over on its own host; from another host, delete it.")
+                _note_waiting(waiting, log)
                 noted = time.monotonic()
             time.sleep(poll_s)
         pending = waiting
+    return {"reused": reused}
+
+
+def _note_waiting(waiting: list[Cell], log: Callable[[str], None]) -> None:
+    """Name the locks a process waits on (every `note_s` while only held cells are left)."""
+    held = [holder(Path(c.cfg.out_dir)) for c in waiting if (Path(c.cfg.out_dir) / ".lock").is_file()]
+    log(f"waiting for {len(waiting)} cell(s) that other processes hold or need: {'; '.join(held[:3])}"
+        + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        + ". A lock whose process is gone is taken over on its own host; from another host, delete it.")

@@ -37,16 +37,23 @@ def round_config(cfg, r: int):
     return c
 
 
-def train(cfg, resume: bool = False, fabric=None, on_epoch=None) -> dict:
+def train(cfg, resume: bool = False, fabric=None, on_epoch=None, force: bool = False) -> dict:
     """Train one configured run (`cqd train`): one run of the engine, or a sequential method's R rounds in
-    order (round R's result is returned; finished rounds are skipped on resume)."""
+    order (round R's result is returned; finished rounds are skipped on resume). Without `resume`, a finished
+    run in a folder of the run is an error, or with `force` replaced (the engine's rule)."""
     cfg = run_config(cfg)
     if rounds_of(cfg) == 1:
-        return train_one(cfg, resume=resume, fabric=fabric, on_epoch=on_epoch)
+        return train_one(cfg, resume=resume, fabric=fabric, on_epoch=on_epoch, force=force)
     for r in range(1, rounds_of(cfg) + 1):
         c = round_config(cfg, r)
         if (r < rounds_of(cfg) and resume and (Path(c.out_dir) / RESULT).is_file()
                 and (Path(c.out_dir) / MODEL).is_file()):
             continue
-        res = train_one(c, resume=resume, fabric=fabric, on_epoch=on_epoch)
+        res = train_one(c, resume=resume, fabric=fabric, on_epoch=on_epoch, force=force)
     return res
+
+
+def resumable(cfg) -> bool:
+    """Whether `--resume` finds something of the run to continue: a last.ckpt in its out_dir or in a round's."""
+    cfg = run_config(cfg)
+    return any((Path(round_config(cfg, r).out_dir) / "last.ckpt").is_file() for r in range(1, rounds_of(cfg) + 1))

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from cqd.compress.schema import DeployConfig
 from cqd.config import apply_overrides, dotted, format_errors, load_yaml, validate
 from cqd.degradations import check_spec
+from cqd.degradations.sweep import expand
 from cqd.engine.schema import RunConfig, schema_of
 from cqd.errors import ConfigError
 from cqd.methods import METHODS
@@ -141,8 +142,28 @@ class RowConfig(Strict):
                                                 "<out_dir>/tune/{column}/<id>/best.yaml")
 
 
+CELL_KEYS = ("name", "out_dir", "cache_dir", "seed")  # set by the grid for each cell: no row or column sets them
+
+
+def distinct_seeds(seeds: list[int]) -> list[int]:
+    """A list of seeds, none repeated (a repeated seed would train one run and report it as two)."""
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"seed {', '.join(map(str, twice))} is given twice ({seeds}): each seed is one run of each "
+                         "cell, counted once in the mean and std; list each seed once")
+    return seeds
+
+
 def _row(item: Any) -> Any:
     return {"id": item, "set": {"method.name": item}} if isinstance(item, str) else item
+
+
+class GridRobustness(Strict):
+    """`robustness:` of a grid: after the table, the first seed's models of `rows` in `column` are swept by
+    `cqd robustness` (the degradations of the base run's own `robustness:` section, default its sweep)."""
+
+    column: str = Field(description="the column whose models are swept")
+    rows: list[str] = Field(min_length=1, description="row ids; the first is mCE's baseline")
 
 
 class GridConfig(Strict):
@@ -162,11 +183,27 @@ class GridConfig(Strict):
                                                              "column, on the first seed), run by `cqd tune`")
     deploy: DeployConfig | None = Field(None, description="after the cells: export, size and latency of each row's "
                                                           "first-seed model, and each pair's distillation gain")
+    robustness: GridRobustness | None = Field(None, description="after the cells: top-1 of some rows' first-seed "
+                                                                "models under a sweep of degradations, and mCE")
 
     @field_validator("rows", mode="before")
     @classmethod
     def _plain_rows(cls, v: Any) -> Any:
         return [_row(item) for item in v] if isinstance(v, list) else v
+
+    @field_validator("rows", "columns")
+    @classmethod
+    def _not_empty(cls, v: Any, info) -> Any:
+        if not v:
+            one, example = (("row", "rows: [lq, cqd]") if info.field_name == "rows"
+                            else ("column", "columns: {lowres: {degradation: 'lowres:size=8'}}"))
+            raise ValueError(f"empty; a grid needs at least one {one}, e.g. {example}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        return distinct_seeds(v)
 
     def cell(self, column: str, row: RowConfig | str, seed: int, tuned: dict[str, Any] | None = None) -> RunConfig:
         """The run config of one cell: base, then the column's overrides, then the row's, then its `tuned`
@@ -178,7 +215,15 @@ class GridConfig(Strict):
 
     @model_validator(mode="after")
     def _cells_valid(self) -> "GridConfig":
-        """Every row x column makes a valid run config (checked now, not mid-table); ids are unique."""
+        """Every row x column makes a valid run config (checked now, not mid-table); ids are unique; no row or
+        column sets what the grid sets for each cell."""
+        for where, overrides in [*((f"row {r.id!r}", r.set) for r in self.rows),
+                                 *((f"column {c!r}", col.set) for c, col in self.columns.items())]:
+            own = [k for k in overrides if k.split(".")[0] in CELL_KEYS]
+            if own:
+                raise ValueError(f"{where}: set.{own[0]} cannot be set per cell: the grid gives each cell its "
+                                 "name, out_dir and cache_dir (under the grid's out_dir) and its seed (from seeds:); "
+                                 "remove it (a grid's own out_dir and seeds are top-level keys)")
         ids = [r.id for r in self.rows]
         twice = sorted({i for i in ids if ids.count(i) > 1})
         if twice:
@@ -201,10 +246,26 @@ class GridConfig(Strict):
         if unknown:
             raise ValueError(f"deploy.pairs names rows {', '.join(map(repr, unknown))} that the grid does not have "
                              f"(its rows: {', '.join(ids)})")
+        self._robustness_valid(ids)
         for row in self.rows:
             if row.tune and row.tuned is None:
                 row.tuned = str(Path(self.out_dir) / "tune" / "{column}" / row.id / "best.yaml")
         return self
+
+
+    def _robustness_valid(self, ids: list[str]) -> None:
+        """`robustness:` names a column and rows of the grid, and its sweep fits the column's images."""
+        r = self.robustness
+        if r is None:
+            return
+        if r.column not in self.columns:
+            raise ValueError(f"robustness.column {r.column!r} is not a column of the grid ({', '.join(self.columns)})")
+        unknown = [row for row in r.rows if row not in ids]
+        if unknown:
+            raise ValueError(f"robustness.rows names rows {', '.join(map(repr, unknown))} that the grid does not "
+                             f"have (its rows: {', '.join(ids)})")
+        cfg = self.cell(r.column, r.rows[0], self.seeds[0])
+        expand(cfg.robustness, cfg.data.image_size, cfg.data.degradation)
 
 
 class TuneConfig(StudySettings):

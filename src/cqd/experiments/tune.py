@@ -43,6 +43,7 @@ def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    check_storage(tc)
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=tc.study_name or tc.name, storage=storage(tc), load_if_exists=True,
@@ -99,13 +100,51 @@ def same_study(study, tc: TuneConfig) -> None:
                           "continue it with the same settings, or start another study (study_name or out_dir)")
 
 
+def storage_url(tc) -> str:
+    """The study's database URL: `tc.storage`, or SQLite in out_dir."""
+    return tc.storage or f"sqlite:///{(Path(tc.out_dir) / 'study.db').resolve()}"
+
+
+def check_storage(tc) -> None:
+    """`tc.storage` is a database URL that a study can live in, checked before anything is trained: a dialect
+    SQLAlchemy knows (with its driver installed), not an in-memory SQLite database (the study would vanish when the
+    process ends, and no other process could join it), and for SQLite a file in a folder that exists and can be
+    written (the default's folder, out_dir, is made by `tune`). Otherwise a ConfigError naming the storage."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if tc.storage is None:
+        return
+    url = tc.storage
+    advice = "give e.g. sqlite:///runs/tune/study.db, postgresql://host/db or mysql://host/db, or leave storage unset"
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"storage={url!r} is not a database URL a study can use ({type(e).__name__}: {first}); "
+                          f"{advice} (SQLite in out_dir)") from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    db = parsed.database or ""
+    if db in ("", ":memory:") or db.startswith("file::memory:") or "mode=memory" in db:
+        raise ConfigError(f"storage={url!r} is an SQLite database in memory: the study would vanish when this process "
+                          f"ends, and no other process could share it; give a file ({advice})")
+    folder = Path(db).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        why = "does not exist" if not folder.is_dir() else "cannot be written"
+        raise ConfigError(f"storage={url!r}: the folder of {db}, {folder}, {why}; {advice}")
+
+
 def storage(tc: TuneConfig, attempts: int = 5):
     """`tc.storage`, or SQLite in out_dir (waiting up to a minute for another process's write lock). Two
-    processes that open a new database at once race to create its tables: the loser opens it again."""
+    processes that open a new database at once race to create its tables: the loser opens it again. A database
+    that cannot be opened is a ConfigError naming it."""
     import optuna
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    url = tc.storage or f"sqlite:///{(Path(tc.out_dir) / 'study.db').resolve()}"
+    check_storage(tc)
+    url = storage_url(tc)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
@@ -113,9 +152,11 @@ def storage(tc: TuneConfig, attempts: int = 5):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=tc.heartbeat_s,
                                                   grace_period=2 * tc.heartbeat_s)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError) as e:
             if attempt == attempts - 1:
-                raise
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise ConfigError(f"storage={url!r} cannot be opened ({type(e).__name__}: {first}); check the URL, "
+                                  "the server and its permissions") from None
             time.sleep(0.5 * (attempt + 1))
 
 
@@ -127,6 +168,7 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
     from cqd.experiments.grid import cell_config, shared_teacher
 
     out, seed, reports = Path(grid.out_dir), grid.seeds[0], {}
+    check_storage(grid.tune)  # before any teacher is trained
     rows = [r for r in grid.rows if r.tune]
     if not rows:
         raise ConfigError("this grid has no row to tune: give a row a search space, e.g. "
@@ -150,22 +192,26 @@ def shared_teachers(tc: TuneConfig, log: Callable[[str], None], poll_s: float) -
     by whichever process of the study gets there first, and given to every trial as checkpoints."""
     cfg = tc.base.model_copy(deep=True)
     cfg.out_dir = tc.out_dir
-    train_teachers(cfg, lambda k: teacher_run_config(cfg, k), log, poll_s)
+    # the study's teachers stay what its first call trained: its searched keys' base values may differ later
+    # (`same_study` checks the rest), so they are not compared
+    train_teachers(cfg, lambda k: teacher_run_config(cfg, k), log, poll_s, ignore=tuple(tc.search))
     return cfg.model_dump()
 
 
 def train_teachers(cfg: RunConfig, teacher_run: Callable[[int], RunConfig], log: Callable[[str], None],
-                   poll_s: float) -> None:
+                   poll_s: float, ignore: tuple[str, ...] = ()) -> None:
     """Point each teacher of `cfg` without a checkpoint at its model.pt, training teacher k's run `teacher_run(k)`
-    first (or waiting while another process trains it)."""
-    from cqd.experiments.grid import holder, run_cell
+    first (or waiting while another process trains it); a finished teacher made under other settings (but
+    `ignore`) is a CellMismatch, the grids' rule."""
+    from cqd.experiments.grid import run_cell
+    from cqd.experiments.locks import holder
 
     if not METHODS.get(cfg.method.name).needs_teacher(cfg):
         return
     for k, t in enumerate(cfg.teacher_list):
         if t.checkpoint is None:
             tcfg = teacher_run(k)
-            while run_cell("train", tcfg) is None:
+            while run_cell("train", tcfg, teacher=True, ignore=ignore) is None:
                 log(f"waiting for teacher {tcfg.name}, trained by another process: {holder(Path(tcfg.out_dir))}")
                 time.sleep(poll_s)
             t.checkpoint = str(Path(tcfg.out_dir) / MODEL)
@@ -195,7 +241,7 @@ def objective(trial, tc: TuneConfig, base: dict) -> float:
     cfg = trial_config(base, tc, {key: suggest(trial, key, r) for key, r in tc.search.items()}, trial.number)
     trial.set_user_attr("out_dir", cfg.out_dir)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
-    result = train(cfg, on_epoch=pruning_callback(trial))
+    result = train(cfg, on_epoch=pruning_callback(trial), force=True)  # the trial's folder is the study's
     epochs = len(result["history"])
     if epochs < cfg.train.epochs:  # stopped by the pruner (a trial that ran all its epochs is complete)
         raise optuna.TrialPruned(f"{cfg.name}: pruned after epoch {epochs} of {cfg.train.epochs} "

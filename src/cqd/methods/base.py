@@ -6,6 +6,7 @@ What a method may declare, each with a default that fits CQD and the baselines:
   Params             its own config section (`method.<name>:`), a pydantic schema
   label              its row label in `table.md` (e.g. "CQD -> B cqd (proposed)")
   uses_teacher       the teachers' logits (and the features it taps) are passed in `Step`
+  ensemble           it distills from the `teachers` list (ens, feed): an explicitly empty list is an error
   uses_z             it trains on z (else the engine does not make the training twins)
   init_from_teacher  g starts from f: "never", "always" (staged) or "if_same" (when f and g share
                      an architecture, the paper's best setting)
@@ -70,6 +71,7 @@ class Method(nn.Module):
     # (label, metric) per table line; default ((label, "acc_lq"),)
     table_lines: ClassVar[tuple[tuple[str, str], ...]] = ()
     uses_teacher: ClassVar[bool] = False
+    ensemble: ClassVar[bool] = False  # distills from the `teachers` list (`teachers: []` alone is an error)
     uses_z: ClassVar[bool] = True
     init_from_teacher: ClassVar[str] = "never"
     ddp_find_unused: ClassVar[bool] = False  # off by default: DDP's search walks the autograd graph every step

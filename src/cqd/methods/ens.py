@@ -52,6 +52,7 @@ class Ensemble(Method):
     Params = EnsParams
     label = "ENS -> B logit ensemble"
     uses_teacher = True
+    ensemble = True
     init_from_teacher = "if_same"
 
     def forward(self, step):

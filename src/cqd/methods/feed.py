@@ -79,6 +79,7 @@ class FEED(SequentialRounds, Method):
     Params = FEEDParams
     label = "FEED -> B feature ensemble"
     uses_teacher = True
+    ensemble = True
     init_from_teacher = "if_same"
 
     def __init__(self, student, params=None, teachers=(), sample=None):

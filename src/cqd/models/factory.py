@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cqd.errors import CheckpointError, CQDError
+from cqd.files import load_checkpoint
 from cqd.registry import Registry
 
 MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
@@ -228,17 +229,16 @@ def _set_stem(model: nn.Module, label: str, in_chans: int, adapt: bool) -> None:
 def _read_state_dict(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"Weights file {path!r} does not exist (or is not a file).")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"Could not read weights file {path!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        except Exception as exc:  # noqa: BLE001 - any failure to parse the file means it is not a weights file
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"Could not read weights file {path!r}: {type(exc).__name__}: {first}") from None
+    else:  # cqd's own safe load: weights_only, and a refusal or a corrupt file in one paragraph naming it
+        obj = load_checkpoint(path)
     if isinstance(obj, Mapping):
         nested = [obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)]
         obj = nested[0] if nested else obj

@@ -42,7 +42,7 @@ def _measure_rows(grid, acc: dict, folder: Path, log) -> list[dict]:
             if not (target.is_file() and target.stat().st_mtime > model_pt.stat().st_mtime):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 log(f"deployment report: exporting {column}/{row.id} ({model_pt})")
-                info = export_model(model_pt, "onnx", target)
+                info = export_model(model_pt, "onnx", target, force=True)  # older than the model: replaced
                 save_json(info, target.with_suffix(".json"))
             info = json.loads(target.with_suffix(".json").read_text())
             size = res["config"]["data"]["image_size"]

@@ -1,4 +1,4 @@
-"""Figures: the degradation grid (paper Figure 3)."""
+"""Figures: the degradation grid (paper Figure 3) and the robustness curves (`cqd robustness`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from cqd.data.paired import PairMaker  # noqa: E402
+from cqd.degradations.sweep import PARAMS  # noqa: E402
 
 
 def show_image(ax, img: torch.Tensor) -> None:
@@ -54,3 +55,36 @@ def degradation_grid(dataset, specs: list[str], out: str | Path, n: int = 8, hq_
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def robustness_figure(rows: list[dict], families: list[dict], out: str | Path) -> dict[str, list[str]]:
+    """One panel per degradation family (the clean set left out): top-1 against severity, mildest first, one
+    line per model (its label). Returns each panel's line labels, read from the drawn axes."""
+    swept = [f for f in families if f["name"] != "clean"]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    top = {(r["label"], r["spec"]): 100 * r["top1"] for r in rows}
+    clean = {r["label"]: 100 * r["top1"] for r in rows if r["family"] == "clean"}
+    cols = min(3, len(swept))
+    nrows = -(-len(swept) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    drawn = {}
+    for ax, f in zip(axes.flat, swept):
+        ticks = list(range(len(f["severities"])))
+        for lab in labels:
+            ax.plot(ticks, [top[(lab, spec)] for _, spec in f["severities"]], marker="o", label=lab)
+        ax.set_xticks(ticks, [str(s) for s, _ in f["severities"]], fontsize=8)
+        ax.set_title(f"{f['name']} ({PARAMS[f['name']]})" if f["name"] in PARAMS else f["name"], fontsize=9)
+        ax.set_xlabel("severity (mild -> severe)", fontsize=8)
+        ax.set_ylabel("top-1 (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+        drawn[f["name"]] = [line.get_label() for line in ax.get_lines()]
+    for ax in list(axes.flat)[len(swept):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, title="clean: " + ", ".join(f"{lab} {v:.1f}" for lab, v in clean.items()),
+                        title_fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn

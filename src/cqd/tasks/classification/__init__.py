@@ -39,7 +39,7 @@ class Classification(Task):
         return {"degradation": cfg.data.degradation}
 
     def progress(self, res: dict) -> str:
-        return f"acc_hq={100 * res['acc_hq']:.1f}% acc_lq={100 * res['acc_lq']:.1f}%"
+        return " ".join(f"{k}={100 * res[k]:.1f}%" for k in ("acc_hq", "acc_lq") if res.get(k) is not None)
 
     def at_mix(self, model, ck, c, path):
         """A network conditioned on the mix c is evaluated on the blends of data.mix, which carry c."""

@@ -14,7 +14,8 @@ def evaluate(models: dict, views, loader, maker, fabric) -> dict[str, float]:
     z: acc_lq; inputs may be a tuple of a network's arguments, e.g. (z, c) for a mix-conditioned net);
     `models` maps a prefix ('' for the student) to a network. Synced across ranks: each rank counts its
     correct and total predictions, and one all-reduce sums them (an exact integer sum; torchmetrics'
-    MulticlassAccuracy did the same, but importing torchmetrics cost every process ~2 s)."""
+    MulticlassAccuracy did the same, but importing torchmetrics cost every process ~2 s). A maker of low-quality
+    test images alone (`lq_only`) gets no top-1 on x."""
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
@@ -22,6 +23,8 @@ def evaluate(models: dict, views, loader, maker, fabric) -> dict[str, float]:
     for batch in loader:
         pair = maker(batch, fabric.device)
         for view, (inputs, targets) in views(pair).items():
+            if view == "hq" and getattr(maker, "lq_only", False):  # low-quality test images alone: x is z's source
+                continue
             for prefix, model in models.items():
                 key = f"{prefix}{'/' if prefix else ''}acc_{view}"
                 with fabric.autocast():

@@ -63,13 +63,14 @@ def summarize(cells, grid) -> dict:
     for column in grid.columns:
         rows = {}
         for row, label, key in lines(grid):
-            rows[label] = _stat([100 * acc[(column, row, s)][key] for s in grid.seeds if (column, row, s) in acc])
+            rows[label] = _stat([100 * acc[(column, row, s)][key] for s in grid.seeds
+                                 if acc.get((column, row, s), {}).get(key) is not None])  # None: lq-only test set
         gaps = []
         for s in grid.seeds:
             try:
                 up, b, c = (100 * acc[(column, r, s)][k]
                             for r, k in (("hq", "acc_hq"), ("lq", "acc_lq"), ("cqd", "acc_lq")))
-            except KeyError:
+            except (KeyError, TypeError):  # a row missing, or no top-1 on x (a test set of low-quality images)
                 continue
             if up - b > 1e-9:
                 gaps.append((c - b) / (up - b))

@@ -128,11 +128,12 @@ def evaluate(models: dict, views, loader, maker: PatchMaker, fabric) -> dict[str
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    sums: dict[str, Tensor] = {}
+    # every key from the start: a rank without a test image (fewer images than ranks) all-reduces the same zeros
+    keys = ["psnr_bicubic", "ssim_bicubic", *(f"{p}{'/' if p else ''}{m}" for p in models for m in ("psnr", "ssim"))]
+    sums: dict[str, Tensor] = {k: torch.zeros((), dtype=torch.float64, device=fabric.device) for k in keys}
 
     def add(key: str, value: Tensor) -> None:
-        sums[key] = (sums.get(key, torch.zeros((), dtype=torch.float64, device=fabric.device))
-                     + value.sum().to(fabric.device))
+        sums[key] = sums[key] + value.sum().to(fabric.device)
 
     n = 0
     for batch in loader:
