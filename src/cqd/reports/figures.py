@@ -49,12 +49,7 @@ def degradation_grid(dataset, specs: list[str], out: str | Path, n: int = 8, hq_
                 ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="red", lw=1))
         axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("Degradations T: high-quality x (top) and z = T(x) (one row each)", fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def robustness_figure(rows: list[dict], families: list[dict], out: str | Path) -> dict[str, list[str]]:
@@ -82,9 +77,15 @@ def robustness_figure(rows: list[dict], families: list[dict], out: str | Path) -
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, title="clean: " + ", ".join(f"{lab} {v:.1f}" for lab, v in clean.items()),
                         title_fontsize=7)
+    save_figure(fig, out)
+    return drawn
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay `fig` out, write it as `out` (its folder made) at 110 dpi, and close it."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return drawn
+    return out
