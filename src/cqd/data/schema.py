@@ -48,6 +48,11 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.0, ge=0, lt=1, description="hold this share of the training items out as a "
                                 "validation split (fixed by data.seed; runs then report val_acc_hq/val_acc_lq); "
                                 "0: none")
+    val_from: int | None = Field(None, ge=1, description="draw the validation items from the first N items of the "
+                                 "train split's fixed shuffle (as a run with data.train_subset=N draws them) and "
+                                 "leave them out of this run's training items; a privileged teacher's run "
+                                 "(teacher.train_subset) holds out its student's validation items this way; "
+                                 "default: from this run's training items")
     hq_view: Literal["full", "crop"] = "full"
     lq_view: Literal["full", "crop"] = "full"
     degradation: str = "lowres:size=8"

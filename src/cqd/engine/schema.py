@@ -37,6 +37,14 @@ class TeacherConfig(Strict):
     view: Literal["full", "crop"] | None = Field(None, description="f's input view; default: data.hq_view")
     degradation: str | None = Field(None, description="degradation of f's input (e.g. a teacher of blurred images); "
                                                       "default: data.hq_degradation")
+    train_subset: int | Literal["all"] | None = Field(
+        None, description="the items f is trained on when it is trained here: the first N of the train split's fixed "
+                          "shuffle, or all; the run's validation items are always left out (a privileged teacher "
+                          "that sees more items than the student); default: the run's items")
+    epochs: int | None = Field(None, ge=1, description="f's epochs when it is trained here; default: train.epochs")
+    calibrate: bool = Field(False, description="fit one temperature T_cal to f's logits on the validation split "
+                                               "(NLL, as Guo et al. 2017) and distil from f(x) / T_cal; needs "
+                                               "data.val_fraction > 0")
 
     @field_validator("model")
     @classmethod
@@ -161,6 +169,20 @@ class RunConfig(Strict):
         if self.compress.active and not task.compressible:  # e.g. Taylor importance is written for class logits
             raise ConfigError(f"compress: is for classifiers; this run's task is {self.task!r}; "
                               "remove the compress section")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration(self) -> "RunConfig":
+        """A calibrated teacher needs held-out items and class logits (a ConfigError: pydantic would append the
+        whole config to a ValueError's message)."""
+        keys = [f"teachers[{k}]" if self.teachers else "teacher" for k, t in enumerate(self.teacher_list)
+                if t.calibrate]
+        if keys and not TASKS.get(self.task).teacher_logits:
+            raise ConfigError(f"{keys[0]}.calibrate fits a temperature to class logits; task {self.task!r}'s "
+                              "teacher gives none: remove it")
+        if keys and not self.data.val_fraction:
+            raise ConfigError(f"{keys[0]}.calibrate fits its temperature on the validation split, but "
+                              "data.val_fraction is 0: hold some training items out (e.g. data.val_fraction=0.1)")
         return self
 
     @model_validator(mode="after")

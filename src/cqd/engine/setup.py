@@ -70,6 +70,7 @@ def build(cfg: RunConfig, resume: bool, fabric: Fabric | None, train: Callable) 
     all_loader = eval_loader(cfg, train_ds, base_train)
     _fix_twins(s, method_cls, train_ds, all_loader, len(base_train))
     if s.teachers and method_cls.uses_teacher:
+        s.teachers.calibrate(s.task.val_dataset(cfg, base_train), base_train, s.maker)
         s.teachers.cache(train_ds, base_train, all_loader, s.maker)
         s.teachers.pretrain(s.method, train_ds, base_train, all_loader, s.maker)
     if fabric.is_global_zero:

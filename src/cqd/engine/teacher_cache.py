@@ -32,8 +32,9 @@ def cache_key(teacher: nn.Module, data_identity: dict, view_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Tensor, bool]:
-    """(table, hit). Loads `cache_dir/teacher-<key>.pt` or computes and writes it atomically."""
+def cached_teacher_logits(cache_dir: str | Path, key: str, compute, extra: dict | None = None) -> tuple[Tensor, bool]:
+    """(table, hit). Loads `cache_dir/teacher-<key>.pt` or computes and writes it atomically (with `extra`, e.g. the
+    temperature the logits were divided by)."""
     path = Path(cache_dir) / f"teacher-{key}.pt"
     if path.is_file():
         try:
@@ -46,5 +47,5 @@ def cached_teacher_logits(cache_dir: str | Path, key: str, compute) -> tuple[Ten
                           stacklevel=2)
             path.unlink(missing_ok=True)
     table = compute()
-    save_checkpoint({"logits": table.cpu()}, path)
+    save_checkpoint({"logits": table.cpu(), **(extra or {})}, path)
     return table, False

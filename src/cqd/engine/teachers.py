@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
+from cqd.engine.calibration import calibration
+from cqd.engine.loaders import eval_loader
 from cqd.engine.model_files import MODEL, load_model
 from cqd.engine.teacher_cache import cache_key, cached_teacher_logits
 from cqd.errors import CheckpointError, CQDError
@@ -27,7 +29,8 @@ from cqd.tasks import task_of
 
 def teacher_run_config(cfg, k: int = 0):
     """The run that trains teacher k when it has no checkpoint: method hq (the task's teacher method) on
-    the teacher's model, seed, view and x degradation, in `<out_dir>/teacher` (k = 0) or `<out_dir>/teacher<k>`."""
+    the teacher's model, seed, view, x degradation, items and epochs, in `<out_dir>/teacher` (k = 0) or
+    `<out_dir>/teacher<k>`. A teacher with its own `train_subset` holds out the run's validation items."""
     from cqd.engine.schema import TeacherConfig
 
     t = cfg.teacher_list[k]
@@ -39,6 +42,11 @@ def teacher_run_config(cfg, k: int = 0):
     task = task_of(cfg)
     tcfg.method = type(cfg.method)(name=task.teacher_method)
     task.teacher_run(cfg, tcfg)
+    if t.epochs is not None:
+        tcfg.train.epochs = t.epochs
+    if t.train_subset is not None:  # a privileged teacher: its own items, never the run's validation items
+        tcfg.data.train_subset = None if t.train_subset == "all" else t.train_subset
+        tcfg.data.val_from = cfg.data.val_from or cfg.data.train_subset or 2**31 - 1  # (>= the split: all of it)
     tcfg.teacher, tcfg.teachers = TeacherConfig(), []
     tcfg.compress = type(cfg.compress)()  # f is never compressed: a compressed g starts from the full f
     suffix = "" if k == 0 else str(k)
@@ -107,6 +115,8 @@ class Teachers:
         self.taps: list[FeatureTaps | None] = [None] * len(self.models)
         self.logit_tables: list[Tensor | None] = [None] * len(self.models)
         self.feature_tables: list[tuple[Tensor, dict[str, Tensor]] | None] = [None] * len(self.models)
+        self.temperatures = [1.0] * len(self.models)  # f_k's logits are divided by this (teacher.calibrate)
+        self.calibrations: list[dict | None] = [None] * len(self.models)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -121,6 +131,26 @@ class Teachers:
         maker = self.makers[k]
         return self.input_of(pair) if maker is None else maker.normalize(maker.hq(batch, self.fabric.device, epoch))
 
+    @torch.no_grad()
+    def calibrate(self, val_ds, base_train, run_maker) -> None:
+        """Fit each `calibrate` teacher's temperature on the validation items (its own x), and log its NLL and ECE
+        before and after (`cqd.engine.calibration`)."""
+        wanted = [k for k, t in enumerate(self.cfg.teacher_list) if t.calibrate]
+        if not wanted:
+            return
+        loader = eval_loader(self.cfg, val_ds, base_train)  # every rank fits on all of them: the same T
+        for k in wanted:
+            maker, logits, labels = self.makers[k] or run_maker, [], []
+            for batch in loader:
+                with self.fabric.autocast():
+                    logits.append(self.models[k](maker.normalize(maker.hq(batch, self.fabric.device))).float())
+                labels.append(batch["label"])
+            c = calibration(torch.cat(logits).cpu(), torch.cat(labels))
+            self.temperatures[k], self.calibrations[k] = c["temperature"], c
+            self.log(f"teacher {k} calibrated on {len(val_ds)} validation items: T_cal {c['temperature']:.3f}, "
+                     f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
+                     f"ECE (15 bins) {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+
     def cache(self, train_ds, base_train, all_loader, run_maker) -> None:
         """Compute what can be computed once (x fixed and `train.cache_teacher`): logits on disk, tapped maps on the
         device."""
@@ -132,9 +162,11 @@ class Teachers:
             maker = self.makers[k] or run_maker
             if not maker.teacher_input_fixed:
                 continue
-            key = cache_key(model, identity, maker.view_key())
+            t = self.temperatures[k]
+            key = cache_key(model, identity if t == 1.0 else {**identity, "temperature": t}, maker.view_key())
             table, hit = cached_teacher_logits(cfg.cache_dir, key,
-                                               lambda: self._pass(k, all_loader, maker, len(base_train))[0])
+                                               lambda: self._pass(k, all_loader, maker, len(base_train))[0] / t,
+                                               {"temperature": t})
             self.logit_tables[k] = table.to(fabric.device)
             self.log(f"teacher {k} logits: {'cache hit' if hit else 'computed and cached'} "
                      f"({cfg.cache_dir}/teacher-{key}.pt)")
@@ -223,6 +255,7 @@ class Teachers:
                 features.append({name: m[slots[pair.index]] for name, m in maps.items()})
                 continue
             with self.fabric.autocast():
-                logits.append(model(self._input(k, batch, pair, epoch)).float())
+                out = model(self._input(k, batch, pair, epoch)).float()
+            logits.append(out if self.temperatures[k] == 1.0 else out / self.temperatures[k])
             features.append({name: f.float() for name, f in (self.taps[k].out.items() if self.taps[k] else ())})
         return logits, features

@@ -325,6 +325,7 @@ class Run:
                   "wall_s": time.perf_counter() - self.t0, "train_s": self.train_s,
                   "images_per_s": self.seen / self.train_s if self.train_s else None,
                   "teacher": teachers[0] if teachers else None, "teachers": teachers,
+                  "teacher_calibration": s.teachers.calibrations if s.teachers else [],
                   "world_size": fabric.world_size, "precision": fabric.strategy.precision.precision,
                   "params": count_params(self.method.deployable()), **self._records(),
                   "history": self.history, "config": cfg.model_dump()}

@@ -101,11 +101,17 @@ _NOT_THE_TEACHER = ("name", "out_dir", "cache_dir", "seed", "data.degradation", 
                     "sr.test", "train.check_every", "data.root_lq", "data.test_lq_only")
 
 
+# Keys added after the first grids were run (their shared teachers' folder names hold a digest without them).
+_ADDED_LATER = {"plugins": [], "data.val_from": None, "teacher.train_subset": None, "teacher.epochs": None,
+                "teacher.calibrate": False}
+
+
 def _teacher_digest(tcfg: RunConfig) -> str:
     dump = tcfg.model_dump(exclude={"robustness"})  # (the sweep trains nothing)
     keep = {k: v for k, v in weight_settings(dump).items() if k not in _NOT_THE_TEACHER}
-    if not keep.get("plugins"):  # a key added later: absent from earlier digests while unused
-        keep.pop("plugins", None)
+    for key, default in _ADDED_LATER.items():  # absent from earlier digests: left out while at their defaults
+        if keep.get(key, default) in (default, None):
+            keep.pop(key, None)
     keep.update(task_of(tcfg).legacy_digest)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

@@ -23,6 +23,7 @@ class Task:
     eval_keys: ClassVar[tuple[str, ...]] = ()  # what `cqd eval` prints (from its result)
     fixes_twins: ClassVar[bool] = True  # z is made once per item before training when x is fixed
     compressible: ClassVar[bool] = False  # `compress:` (pruning, QAT) is written for this task's outputs
+    teacher_logits: ClassVar[bool] = False  # f gives class logits (`teacher.calibrate` scales them)
     report: ClassVar[str] = ""  # module with write_report(cells, grid, out) -> (markdown, summary): a grid's table
     legacy_digest: ClassVar[dict] = {}  # settings earlier versions hashed into this task's shared-teacher folder names
 

@@ -14,6 +14,7 @@ class Classification(Task):
     metrics = ("acc_hq", "acc_lq", "val_acc_hq", "val_acc_lq")
     eval_keys = ("degradation", "acc_hq", "acc_lq")
     compressible = True
+    teacher_logits = True
     report = "cqd.tasks.classification.report"
     # Before each task owned its config section every run held an `sr:` section at these defaults, and they went
     # into the digests that name shared teachers' folders: kept, frozen, so folders of earlier grids keep their names.

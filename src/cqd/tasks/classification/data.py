@@ -57,16 +57,25 @@ def _shuffle(n: int, seed: int) -> list[int]:
 def split_items(d, n: int) -> tuple[list[int] | None, list[int]]:
     """(training items, validation items) of a train split of `n` items, as its indices (training items
     None: the whole split). The items are the split or `data.train_subset` of a fixed shuffle (seed 0);
-    `data.val_fraction` of them, drawn by `data.seed` alone, are held out for validation."""
-    items = list(range(n)) if d.train_subset is None or d.train_subset >= n else _shuffle(n, 0)[:d.train_subset]
+    `data.val_fraction` of them (of the first `data.val_from` of that shuffle where it is set), drawn by
+    `data.seed` alone, are held out for validation."""
+    items = _items(n, d.train_subset)
     if not d.val_fraction:
         return (None if len(items) == n else items), []
-    k = round(len(items) * d.val_fraction)
-    if not 0 < k < len(items):
-        raise ConfigError(f"data.val_fraction={d.val_fraction:g} of {len(items)} training items holds out {k}; "
+    pool = items if d.val_from is None else _items(n, d.val_from)
+    k = round(len(pool) * d.val_fraction)
+    if not 0 < k < len(pool):
+        raise ConfigError(f"data.val_fraction={d.val_fraction:g} of {len(pool)} training items holds out {k}; "
                           "choose it so that both the validation and the training split keep at least one item")
-    held = set(_shuffle(len(items), d.seed)[:k])
-    return [i for j, i in enumerate(items) if j not in held], [i for j, i in enumerate(items) if j in held]
+    held = set(_shuffle(len(pool), d.seed)[:k])
+    val = [i for j, i in enumerate(pool) if j in held]
+    out = set(val)
+    return [i for i in items if i not in out], val
+
+
+def _items(n: int, subset: int | None) -> list[int]:
+    """The first `subset` items of the train split's fixed shuffle (seed 0); all `n`, in order, for None."""
+    return list(range(n)) if subset is None or subset >= n else _shuffle(n, 0)[:subset]
 
 
 def val_dataset(cfg, base_train):
