@@ -149,7 +149,7 @@ def test_feed_model_pt_holds_exactly_the_student(root, teachers):
     ({"method__feed": {"student_layer": "head.x"}},
      "method.feed.student_layer on the student: no layer named 'head.x'"),
     ({"method__feed": {"depth": 0}}, "method.feed.depth: Input should be greater than or equal to 1"),
-    ({"method__feed": {"distance": "l3"}}, "method.feed.distance: Input should be 'l1' or 'l2'"),
+    ({"method__feed": {"distance": "l3"}}, "method.feed.distance: Input should be 'l1', 'repdistiller' or 'l2'"),
     ({"method__name": "ens", "method__ens": {"loss": "mse"}}, "method.ens.loss: Input should be 'ce'"),
 ])
 def test_bad_config_values_are_clear_errors(root, teachers, over, message):

@@ -115,7 +115,8 @@ def test_fitnet_regressor_is_optimized_checkpointed_and_resume_is_bit_exact(root
     assert not torch.equal(after_one["regressor.0.weight"], final["regressor.0.weight"])
     opt = load_checkpoint(Path(cfg["out_dir"]) / "last.ckpt")["optimizers"]["main"]
     n_student = len([k for k in final if k.startswith("student.") and k.endswith(("weight", "bias"))])
-    assert len(opt["param_groups"][0]["params"]) == n_student + 3  # + the regressor's conv weight, BN weight and bias
+    # + the regressor's conv weight and bias (ConvReg's conv has one), BN weight and bias
+    assert len(opt["param_groups"][0]["params"]) == n_student + 4
 
 
 # --- several phases, and a student that changes between epochs ----------------------------------

@@ -111,7 +111,7 @@ def test_unknown_names(override, key, value, capsys):
     ("foo=1", "foo", "the top level takes: name, seed"),
     ("method.cqd.lamb=1", "method.cqd.lamb", "did you mean 'lam'? (method.cqd takes: T, lam, loss, scale)"),
     ("method.fitnet.bta=1", "method.fitnet.bta",
-     "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, hint, guided)"),
+     "did you mean 'beta'? (method.fitnet takes: T, lam, loss, scale, beta, convention, hint, guided)"),
     ("method.fitnet_beta=1", "method.fitnet_beta",
      "method takes: name, init, afd, at, augment, cqd, dml, ens, feed, fitnet, ft, hq, lq, "
      "lsfd, quality, quality_mix, sgn, sr_fitnet, sr_l1, sr_okd, sr_teacher, staged, symcqd"),

@@ -68,8 +68,11 @@ def test_one_hot_c_gives_exactly_that_single_loss():
     assert float(sum(losses.values()).detach()) == pytest.approx(float(mix_losses(c, per, LOSSES).detach()), rel=1e-6)
 
 
-def test_the_discriminator_loss_is_weighted_by_each_samples_adversarial_share():
-    method, step = _tiny()
+@pytest.mark.parametrize("d_loss, half", [("official", 0.5), ("cqd_v1", 1.0)])
+def test_the_discriminator_loss_is_weighted_by_each_samples_adversarial_share(d_loss, half):
+    """The batch's own fakes (replay 0; the buffer is in test_reference_defaults.py): the official D loss halves
+    the sum, cqd_v1 (files from before the key) does not."""
+    method, step = _tiny(d_loss=d_loss, replay=0)
     y = step.pair.y
     for c in (torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.9, 0.1], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5]]),
               torch.tensor([[1.0, 0.0, 0.0]] * 4)):
@@ -78,7 +81,8 @@ def test_the_discriminator_loss_is_weighted_by_each_samples_adversarial_share():
         _, losses = method(Step(step.pair, step.teacher_logits, step.teacher_features, phase="disc"))
         d = method.disc
         per = ((1 - d(y)) ** 2).mean((1, 2, 3)) + (d(out.detach()) ** 2).mean((1, 2, 3))
-        assert float(losses["loss_disc"].detach()) == pytest.approx(float((c[:, 1] * per).mean().detach()), rel=1e-6)
+        want = half * (c[:, 1] * per).mean()
+        assert float(losses["loss_disc"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     assert float(losses["loss_disc"].detach()) == 0  # no sample asks g to fool D: D learns nothing from this batch
 
 
@@ -120,7 +124,7 @@ def _cfg(root, name, **over):
     cfg = {"name": name, "seed": 0, "out_dir": str(root / name), "cache_dir": str(root / "cache"), "task": "sr",
            "model": "edsr:blocks=2,feats=4,skip=bicubic", "teacher": {"model": "edsr:blocks=2,feats=6", "seed": 0},
            "sr": {"scale": 2, "patch": 8, "patches_per_epoch": 16, "train": ["text", "clock"], "test": ["page"]},
-           "method": {"name": "sgn"},
+           "method": {"name": "sgn", "sgn": {"replay": 4}},  # full after a step: resume needs its kept images
            "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
                      "progress": False, "precision": "32-true", "schedule": "cosine",
                      "phases": {"main": {"lr": 1e-3}}}}  # the gates at 1e-2: 4 steps move them visibly

@@ -88,19 +88,39 @@ def _same(a, b) -> bool:
     return a == b
 
 
+# Conventions whose defaults became the reference implementations' (issue 31), with the value every file written
+# before the key existed was made under. A config dump holds every key, so a section without one is older.
+LEGACY_METHOD_KEYS = {"at": {"convention": "cqd_v1"}, "fitnet": {"convention": "cqd_v1"},
+                      "afd": {"direction": "next", "real": "raw"}, "sgn": {"d_loss": "cqd_v1", "replay": 0}}
+LEGACY_TASK_KEYS = {"sr": {"resize": "pil"}}
+
+
+def _with_legacy(section, legacy: Mapping) -> Any:
+    return {**legacy, **section} if isinstance(section, Mapping) else section
+
+
 def migrate_config(config: Mapping) -> dict:
     """A config dump of any cqd version in today's layout: the flat `method.T/lam/loss/scale` of files written
-    before each method had its own section move to `method.cqd`, and the sections of other tasks than the
-    run's (every run held an `sr:` section before each task owned its own) are dropped."""
+    before each method had its own section move to `method.cqd`, the sections of other tasks than the
+    run's (every run held an `sr:` section before each task owned its own) are dropped, and a method's or the
+    task's section that lacks a key of LEGACY_METHOD_KEYS / LEGACY_TASK_KEYS gets the legacy value it was made
+    under (e.g. `method.at.convention: cqd_v1`, `sr.resize: pil`), so an old file keeps its meaning and compares
+    unequal to a new config of the reference defaults."""
     config = dict(config)
     method = dict(config.get("method") or {})
     for key, section in MOVED_KEYS.items():
         if key in method:
             method[section] = {**method.get(section, {}), key: method.pop(key)}
+    for name, legacy in LEGACY_METHOD_KEYS.items():
+        if name in method:
+            method[name] = _with_legacy(method[name], legacy)
     config["method"] = method
     for name in TASKS.names():
         if name != config.get("task", "classification"):
             config.pop(name, None)
+    for name, legacy in LEGACY_TASK_KEYS.items():
+        if name in config:
+            config[name] = _with_legacy(config[name], legacy)
     return config
 
 

@@ -6,8 +6,12 @@ student gives the student factor, trained with the student:
 
     CE(g(z), y) + beta * d(t(F_s), E(F_t)) [+ lambda * KL to the teachers' softened predictions]
 
-d is `feed`'s distance (per-image flattened, L2-normalized factors; mean |a - b|). Uses the first
-teacher. Our choices where the paper leaves room, all keys of `method.ft`:
+d is `feed`'s distance: by default (`distance: l1`) the official FT code's (Jangho-Kim/Factor-Transfer-pytorch:
+per-image flattened, L2-normalized factors, mean |a - b|) at that code's weight, beta 500; `distance:
+repdistiller` is RepDistiller's (L2-normalized attention maps mean_c a^2 of the factors) at its weight, 200
+(`beta` given: that weight instead). Files written before the weight followed the distance hold beta 200 (the
+official distance at RepDistiller's weight) and keep it. Uses the first teacher. Our choices where the paper
+leaves room, all keys of `method.ft`:
   E, D, t   E = 3 conv-BN-LeakyReLU layers from the teacher's channels C_t to round(rate * C_t)
             (rate 0.5, the paper's paraphrase rate), D = 3 such layers back to C_t, t = FEED's
             transform with `depth` layers to the factor's channels; a bilinear resize where sizes differ
@@ -17,7 +21,6 @@ teacher. Our choices where the paper leaves room, all keys of `method.ft`:
   cache     the trained P is kept in `cache_dir/paraphraser-<key>.pt`, keyed by the teacher cache's key
             (teacher weights, data, teacher view, precision) and these settings: trained once per
             teacher and reused by every run (any student, seed or method setting) that shares them
-  beta      200, the factor-transfer weight of CRD's benchmark (RepDistiller)
 The engine runs the stage through `Teachers.pretrain`, which calls `pretrain` below with the maps.
 """
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +38,18 @@ from cqd.files import load_checkpoint, save_checkpoint
 from cqd.methods import METHODS
 from cqd.methods.base import Method, SequentialRounds
 from cqd.methods.ens import EnsParams, ensemble_term
-from cqd.methods.feed import factor_distance, resized, transform
+from cqd.methods.feed import BETA_HELP, DISTANCE_HELP, Distance, ReferenceBeta, factor_distance, transform
 from cqd.models.taps import FeatureTaps, probe
 
 
-class FTParams(EnsParams):
-    beta: float = Field(200.0, ge=0, description="weight of the factor loss")
+class FTParams(ReferenceBeta, EnsParams):
+    beta: float | None = Field(None, ge=0, description="weight of the factor loss; " + BETA_HELP)
     rate: float = Field(0.5, gt=0, le=4, description="paraphrase rate: "
                                                      "factor channels = round(rate * teacher channels)")
     depth: int = Field(3, ge=1, le=8, description="conv-BN-LeakyReLU layers of the translator")
     paraphraser_epochs: int = Field(10, ge=1, description="epochs of the paraphraser's own training stage")
     paraphraser_lr: float = Field(1e-3, gt=0, description="Adam's lr in that stage")
-    distance: Literal["l1", "l2"] = Field("l1", description="between L2-normalized factors: mean |a - b| "
-                                                            "or mean (a - b)^2")
+    distance: Distance = Field("l1", description=DISTANCE_HELP)
     student_layer: str | None = Field(None, description="student layer (module path); default: its last feature map")
     teacher_layer: str | None = Field(None, description="teacher layer (module path); default: its last feature map")
     lam: float = Field(0.0, ge=0, description="weight of the logit term (0: factor loss only)")
@@ -130,8 +131,8 @@ class FactorTransfer(SequentialRounds, Method):
         with torch.no_grad():
             target = self.paraphraser.encoder(step.teacher_features[0][self.guided].float())
         losses = {"loss_ce": self.ce(logits, step.pair.y),
-                  "loss_ft": p.beta * factor_distance(resized(self.translator(self.taps.out[self.layer]), target),
-                                                      target, p.distance)}
+                  "loss_ft": p.weight * factor_distance(self.translator(self.taps.out[self.layer]), target,
+                                                        p.distance)}
         if p.lam:
             losses["loss_kd"] = ensemble_term(logits, step.teacher_logits, p)
         return logits, losses

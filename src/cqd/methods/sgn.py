@@ -12,9 +12,16 @@ perception-distortion trade-off: one student serves every point between fidelity
           lam * mean |g(z_i, c_i) - f(z_i)|
 
 Two phases per batch (AFD's pattern, `methods/afd.py`): `main` steps g, its gates and the regressors on
-the mixed loss; `disc` steps D on mean_i c_i2 * [mean (1 - D(y_i))^2 + mean D(g(z_i, c_i))^2], scoring the
-outputs of `main`'s forward (detached: no second forward of g). Adam 2e-4, betas (0.5, 0.999) for both
-(SGN's), the phases' defaults (`train.phases.<main|disc>` overrides them).
+the mixed loss; `disc` steps D on 0.5 * mean_i [c_i2 mean (1 - D(y_i))^2 + c'_i2 mean D(g'_i)^2], scoring the
+outputs of `main`'s forward (detached: no second forward of g) through a replay buffer of `replay` (50)
+generated images: g'_i is the batch's g(z_i, c_i) or an image kept from an earlier batch, c'_i2 its share.
+The 0.5 and the buffer are the official SGN code's (its D loss, and pix2pix/CycleGAN's ImagePool: until the
+buffer is full each image is kept and shown; then, with probability 1/2, a kept image drawn uniformly is shown
+and the new one kept in its place, else the new one is shown). The buffer's draws come from its own generator
+(seeded by c_seed); the kept images, their shares and the generator's state are in `last.ckpt`, so a resumed
+run is bit-exact. `d_loss: cqd_v1` (no 0.5) with `replay: 0` (the batch's own images) is cqd's earlier
+form, which files written before the keys are read with. Adam 2e-4, betas (0.5, 0.999) for both (SGN's),
+the phases' defaults (`train.phases.<main|disc>` overrides them).
 
 `fixed_c: [1, 0, 0]` trains the same network and pipeline with one loss alone (the single-loss baselines,
 the simplex's corners): a loss whose weight is 0 is not computed, the discriminator only exists when
@@ -48,6 +55,8 @@ Our choices where SGN gives none (each a key):
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
@@ -63,6 +72,7 @@ LOSSES = ("l1", "adv", "kd")  # the order of c's components
 K = len(LOSSES)
 ADAM = {"optimizer": "adam", "lr": 2e-4, "betas": (0.5, 0.999), "weight_decay": 0.0}  # SGN's, for g and D
 C_STREAM = 0x56  # the counter-based draws' stream for this method's c
+REPLAY_STREAM = 0x57  # with c_seed, seeds the replay buffer's generator
 
 
 def _simplex(v: list[float] | None, key: str) -> list[float] | None:
@@ -88,6 +98,11 @@ class SGNParams(FeatureParams):
     reduction: int = Field(4, ge=1, description="SE bottleneck: a gate's hidden width is max(C // reduction, 4)")
     gate_lr_scale: float = Field(10.0, gt=0, description="the gates' lr as a multiple of the main phase's")
     disc_width: int = Field(32, ge=1, description="channels of the patch discriminator's first conv (2x in the second)")
+    d_loss: Literal["official", "cqd_v1"] = Field(
+        "official", description="official: 0.5 * (real + fake terms), the official SGN code's; cqd_v1: their sum "
+                                "(cqd before the key)")
+    replay: int = Field(50, ge=0, description="generated images kept for D (the official code's image pool, 50); "
+                                              "0: D sees only the batch's own")
 
     @field_validator("fixed_c", "eval_c")
     @classmethod
@@ -100,6 +115,47 @@ def patch_discriminator(width: int, chans: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(chans, width, 4, 2, 1), nn.LeakyReLU(0.2),
                          nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2),
                          nn.Conv2d(2 * width, 1, 3, 1, 1))
+
+
+class ReplayBuffer(nn.Module):
+    """The official SGN code's pool of generated images for D (pix2pix/CycleGAN's ImagePool), each kept with its
+    adversarial share. Its draws come from its own generator; the kept images, shares and the generator's state are
+    the module's extra state, so a checkpoint of the method holds them."""
+
+    def __init__(self, size: int, seed: int):
+        super().__init__()
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.images: list[Tensor] = []
+        self.shares: list[Tensor] = []
+
+    def query(self, images: Tensor, shares: Tensor) -> tuple[Tensor, Tensor]:
+        """The images (B, ...) D is shown in place of `images`, and their shares (B,)."""
+        out, out_shares = [], []
+        for image, share in zip(images, shares):
+            if len(self.images) < self.size:  # filling: keep it, show it
+                self.images.append(image.clone())
+                self.shares.append(share.clone())
+            elif float(torch.rand((), generator=self.generator)) > 0.5:  # show a kept one, keep this one instead
+                k = int(torch.randint(self.size, (), generator=self.generator))
+                kept, kept_share = self.images[k].to(image), self.shares[k].to(share)
+                self.images[k], self.shares[k] = image.clone(), share.clone()
+                image, share = kept, kept_share
+            out.append(image)
+            out_shares.append(share)
+        return torch.stack(out), torch.stack(out_shares)
+
+    def get_extra_state(self) -> dict:
+        return {"images": _stacked(self.images), "shares": _stacked(self.shares),
+                "generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.images, self.shares = list(state["images"].unbind(0)), list(state["shares"].unbind(0))
+        self.generator.set_state(state["generator"])
+
+
+def _stacked(ts: list[Tensor]) -> Tensor:
+    return torch.stack([t.cpu() for t in ts]) if ts else torch.empty(0)
 
 
 def per_image(t: Tensor) -> Tensor:
@@ -145,6 +201,8 @@ class SGN(SRMethod):
             self.teacher_taps[0] = [t for _, t in self.pairs]
         self.student = sym_net(student, K, p.layers or gate_layers(student), sample, p.embed, p.reduction)
         self.disc = patch_discriminator(p.disc_width, sample.shape[1]) if "adv" in self.active else None
+        self.replay = (ReplayBuffer(p.replay, (p.c_seed << 8) + REPLAY_STREAM) if self.disc is not None and p.replay
+                       else None)
         self._for_disc = None
 
     def phases(self):
@@ -191,8 +249,14 @@ class SGN(SRMethod):
                                "run 'main' first")
         fake, real, share = self._for_disc
         self._for_disc = None
-        per = per_image((1 - self.disc(real).float()).pow(2)) + per_image(self.disc(fake).float().pow(2))
-        return fake, {"loss_disc": (share * per).mean()}
+        if self.replay is None:
+            per = per_image((1 - self.disc(real).float()).pow(2)) + per_image(self.disc(fake).float().pow(2))
+            loss = (share * per).mean()
+        else:
+            shown, shown_share = self.replay.query(fake, share)
+            loss = (share * per_image((1 - self.disc(real).float()).pow(2))
+                    + shown_share * per_image(self.disc(shown).float().pow(2))).mean()
+        return fake, {"loss_disc": 0.5 * loss if self.params.d_loss == "official" else loss}
 
     def deployable(self):
         return self.student

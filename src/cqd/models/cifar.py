@@ -5,7 +5,9 @@ the x4 variants are the wide ones of the distillation literature (CRD, Tian et a
 1x1-conv shortcuts. WRNs follow Zagoruyko and Komodakis (2016) with pre-activation blocks, and
 vgg8 is CRD's small VGG with BatchNorm. All end in global average pooling, so any input of at
 least 16 px works, and expose `forward_features` (the pooled vector) and `head` so distillation
-methods can work on features.
+methods can work on features, and `stage_layers`: the module paths of each stage's output after the stem,
+the maps RepDistiller's and mdistiller's feature lists give (`feats[1:-1]`), which AT taps and FitNet picks
+its hint from.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class _Net(nn.Module):
     """A `features` trunk, global average pooling and a linear `head`."""
 
     features: nn.Sequential
+    stage_layers: list[str]  # each stage's output after the stem (cqd.models.taps.stage_outputs)
 
     def _finish(self, num_classes: int, in_chans: int, width: int) -> None:
         """Add pooling and head after the trunk, then Kaiming-initialise (He et al. 2015)."""
@@ -95,6 +98,7 @@ class ResNet(_Net):
                 layers.append(BasicBlock(cin, width, 2 if i > 0 and j == 0 else 1))
                 cin = width
         self.features = nn.Sequential(*layers)
+        self.stage_layers = [f"features.{2 + n * (i + 1)}" for i in range(len(stages))]  # each stage's last block
         self._finish(num_classes, in_chans, cin)
 
 
@@ -112,6 +116,7 @@ class WideResNet(_Net):
                 cin = width
         layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
+        self.stage_layers = [f"features.{n * (i + 1)}" for i in range(3)]  # each stage's last block, before BN-ReLU
         self._finish(num_classes, in_chans, cin)
 
 
@@ -122,12 +127,15 @@ class VGG(_Net):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_chans
+        self.stage_layers = []
         for i, stage in enumerate(stages):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
             for width in stage:
                 layers += [_conv3x3(cin, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 cin = width
+            if i > 0:  # the first stage is RepDistiller's f0, the stem's place in the ResNets' lists
+                self.stage_layers.append(f"features.{len(layers) - 1}")
         self.features = nn.Sequential(*layers)
         self._finish(num_classes, in_chans, cin)
 

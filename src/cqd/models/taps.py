@@ -83,6 +83,27 @@ def last_feature_map(model: nn.Module, sample: Tensor) -> str:
     return min(same, key=lambda n: n.count("."))
 
 
+def stage_outputs(model: nn.Module, sample: Tensor) -> list[str]:
+    """The output of each stage after the stem, in forward order: what AT taps and where FitNet's hint sits by the
+    references' conventions (RepDistiller's and mdistiller's `feats[1:-1]`, three for the CIFAR ResNets). A model
+    that lists them in `stage_layers` (the built-in nets) is taken at its word; for others (`tv:`, `timm:`), the
+    last output of a block or stage (a module with children) at each spatial size, pools and 1x1 maps aside,
+    named by the shallowest module that gives it (a stem of leaf layers, as torchvision's, is no stage)."""
+    declared = getattr(model, "stage_layers", None)
+    if declared:
+        return list(declared)
+    blocks = [(n, t) for n, m, _, t in feature_maps(model, sample)
+              if any(True for _ in m.children()) and t.shape[-1] * t.shape[-2] > 1]
+    runs: list[Tensor] = []  # the last map of each run of one spatial size
+    for _, t in blocks:
+        if runs and runs[-1].shape[-2:] == t.shape[-2:]:
+            runs[-1] = t
+        else:
+            runs.append(t)
+    out = [min((n for n, t in blocks if t is last), key=lambda n: n.count(".")) for last in runs]
+    return out or [last_feature_map(model, sample)]
+
+
 @torch.no_grad()
 def eval_forward(model: nn.Module, sample: Tensor) -> None:
     """One forward in eval mode (BatchNorm statistics untouched), the model's mode restored after."""

@@ -1,8 +1,11 @@
 """Super-resolution data (task `sr`): high-resolution images x and their low-resolution twins z = T(x).
 
 T is the usual SR protocol's: each HR image is cropped to a multiple of `sr.scale` ("modcrop"), then
-downsampled once with PIL's bicubic (a = -0.5, antialiased) and rounded to uint8, as the LR images of
-DIV2K/Set5 were made. The bicubic baseline is PIL's bicubic upsampling of that LR image. Training
+downsampled once with MATLAB's bicubic `imresize` (`cqd.degradations.imresize`: Keys' a = -0.5, the kernel
+widened by the scale when shrinking) and rounded to uint8, as the LR images of DIV2K/Set5 were made and every
+SR paper's numbers assume. The bicubic baseline is the same resize's upsampling of that LR image.
+`sr.resize: pil` uses PIL's bicubic for both instead (cqd before the key; its pixels differ from MATLAB's by
+up to about 12 levels, its PSNR-Y by thousandths of a dB), which files written before it are read with. Training
 crops random aligned patches on the device (see `cqd.tasks.sr.pipeline.PatchMaker`); evaluation uses whole
 images.
 
@@ -20,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
+from cqd.degradations.imresize import imresize
 from cqd.errors import DataError
 from cqd.schema import Strict
 
@@ -35,6 +39,9 @@ class SRConfig(Strict):
     """Settings of task `sr` (read only when `task: sr`)."""
 
     scale: Literal[2, 3, 4] = Field(4, description="upscaling factor: LR = bicubic downsampling of HR by this")
+    resize: Literal["matlab", "pil"] = Field("matlab", description="the bicubic that makes LR and the bicubic "
+                                             "baseline: matlab, MATLAB's imresize (the published LR images'); pil, "
+                                             "PIL's (cqd before the key)")
     patch: int = Field(24, ge=8, le=512, description="side of a training patch in LR pixels "
                                                      "(EDSR: 48, with larger images); HR patch = patch * scale")
     patches_per_epoch: int = Field(1600, ge=1, description="training patches per epoch (each image equally often)")
@@ -120,8 +127,11 @@ def modcrop(hr: np.ndarray, scale: int) -> np.ndarray:
     return hr[: h - h % scale, : w - w % scale]
 
 
-def bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """PIL's bicubic resize (a = -0.5, antialiased when downsampling) of uint8 HxWx3 to (width, height)."""
+def bicubic(img: np.ndarray, size: tuple[int, int], resize: str = "matlab") -> np.ndarray:
+    """The bicubic resize of uint8 HxWx3 to (width, height): MATLAB's imresize, or PIL's (`resize: pil`; a = -0.5,
+    antialiased when downsampling)."""
+    if resize == "matlab":
+        return imresize(img, (size[1], size[0]))
     from PIL import Image
 
     return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
@@ -132,7 +142,7 @@ def _chw(a: np.ndarray) -> torch.Tensor:
 
 
 class SRImages(Dataset):
-    """A split's images: `hr[i]`, `lr[i]` (uint8 CxHxW; LR made once), `bicubic[i]` (PIL upsampled LR, test only).
+    """A split's images: `hr[i]`, `lr[i]` (uint8 CxHxW; LR made once), `bicubic[i]` (upsampled LR, test only).
 
     As a training set its items are `patches_per_epoch` patch slots, slot j drawing from image j mod N
     (the patch is cut on the device); as a test set, one item per whole image.
@@ -152,12 +162,12 @@ class SRImages(Dataset):
                 raise DataError(f"sr image {name} is {img.shape[1]}x{img.shape[0]} px, smaller than "
                                 f"{'a training patch of ' if split == 'train' else ''}{need} px (sr.patch * sr.scale); "
                                 "leave it out of sr." + split + " or lower sr.patch")
-            lr = bicubic(hr, (hr.shape[1] // cfg.scale, hr.shape[0] // cfg.scale))
+            lr = bicubic(hr, (hr.shape[1] // cfg.scale, hr.shape[0] // cfg.scale), cfg.resize)
             self.names.append(name)
             self.hr.append(_chw(hr))
             self.lr.append(_chw(lr))
             if split == "test":
-                self.bicubic.append(_chw(bicubic(lr, (hr.shape[1], hr.shape[0]))))
+                self.bicubic.append(_chw(bicubic(lr, (hr.shape[1], hr.shape[0]), cfg.resize)))
         self.length = cfg.patches_per_epoch if split == "train" else len(self.hr)
         self.image_size = cfg.patch
 

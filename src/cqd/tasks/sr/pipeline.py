@@ -121,7 +121,7 @@ def symmetry(img: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def evaluate(models: dict, views, loader, maker: PatchMaker, fabric) -> dict[str, float]:
     """{prefix + 'psnr'/'ssim'} of each network on the whole test images (mean over images), and
-    'psnr_bicubic'/'ssim_bicubic' of PIL's bicubic upsampling. Each rank sums its images' values and one
+    'psnr_bicubic'/'ssim_bicubic' of the bicubic upsampling (`sr.resize`'s). Each rank sums its images' values and one
     all-reduce adds them up. Models run in float32: bf16 output would cost PSNR at 8-bit precision."""
     # Fabric's wrapper (and DDP's) runs forward under the precision's autocast: run the wrapped module itself
     models = {k: getattr(m, "module", m) for k, m in models.items()}

@@ -13,6 +13,7 @@ from cqd.tasks.sr.pipeline import METRICS
 from cqd.tasks.sr.report_parts import fmt, row_labels, save_panels, stat
 
 BICUBIC = "bicubic"
+RESIZE = {"matlab": "MATLAB's (imresize)", "pil": "PIL's"}  # sr.resize
 
 
 def summarize(cells, grid) -> dict:
@@ -35,7 +36,8 @@ def markdown(table: dict, grid) -> str:
     test = ", ".join(grid.base.sr.test)
     out = [f"## {grid.name}", "",
            f"PSNR (dB) / SSIM on the Y channel (BT.601, `scale` px shaved) of the held-out images ({test}), "
-           f"mean ± std over {n} seed(s); bicubic is PIL's.", "",
+           f"mean ± std over {n} seed(s); LR images and the bicubic line are made with "
+           f"{RESIZE[grid.base.sr.resize]} bicubic.", "",
            "| Method | " + " | ".join(f"{c} PSNR | {c} SSIM" for c in cols) + " |",
            "|---|" + "---|---|" * len(cols)]
     for label in table[cols[0]]:
