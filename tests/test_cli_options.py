@@ -76,7 +76,8 @@ def test_data_dir_is_the_data_root_of_a_grids_base(command, config, monkeypatch,
     from cqd.experiments.schema import load_grid_config
 
     seen = []
-    monkeypatch.setattr(cli, "_run_table", lambda config, overrides, force: seen.append((config, overrides)) or 0)
+    monkeypatch.setattr(cli, "_run_table",
+                        lambda config, overrides, force, wait=True: seen.append((config, overrides)) or 0)
     assert cli.main([command, *(["--config", config] if command == "table" else []), "--data-dir", str(tmp_path)]) == 0
     grid = load_grid_config(*seen[0])
     assert grid.base.data.root == str(tmp_path)

@@ -68,22 +68,29 @@ def export(model_path: str | Path, format: str = "onnx", *overrides: str, out: s
     return export_model(model_path, format, out, cfg, check, force=force)
 
 
-def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None) -> dict:
-    """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir", "reused"}
-    (`reused`: the cells finished before this call under the same settings; a finished cell made under other
-    settings is a CellMismatch, before anything is trained, unless `force`).
+def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool = False, on_cell=None,
+          executor: str | dict | None = None, wait: bool = True) -> dict:
+    """Run (or resume) a Table 1 grid and write its report; returns {"markdown", "table", "report_dir", "reused",
+    "submitted"} (`reused`: the cells finished before this call under the same settings; a finished cell made under
+    other settings is a CellMismatch, before anything is trained, unless `force`).
 
     `config` is a grid YAML file, a dict (as a grid YAML would hold) or a loaded GridConfig, with `overrides`.
-    `on_cell(name, result)` is
-    called as each cell finishes (the CLI prints progress with it).
+    `on_cell(name, result)` is called as each cell finishes (the CLI prints progress with it). `executor`: where the
+    cells run, as the config's `executor:` (a name: local, ray, slurm; or a dict). `wait=False` (slurm): submit and
+    return the job ids in "submitted", with no report; a later call collects.
     """
-    from cqd.experiments.grid import collect, run_grid
+    from cqd.experiments.executors import execute, with_executor
+    from cqd.experiments.grid import collect
     from cqd.reports import write_report
 
     if isinstance(config, GridConfig):
         config = config if not overrides else config.model_dump()
     grid = config if isinstance(config, GridConfig) else load_grid_config(config, list(overrides))
-    ran = run_grid(grid, force=force, on_cell=on_cell)  # a CellMismatch before training anything
+    grid = with_executor(grid, executor)
+    ran = execute(grid, force=force, on_cell=on_cell, wait=wait)  # a CellMismatch before training anything
+    if ran["submitted"]:
+        return {"markdown": "", "table": None, "report_dir": None, "reused": ran["reused"],
+                "submitted": ran["submitted"]}
     report_dir = Path(grid.out_dir) / "report"
     md, summary = write_report(collect(grid), grid, report_dir)  # the task's table
     if grid.deploy is not None:  # sizes, latencies and distillation gains, measured in this one process
@@ -98,7 +105,7 @@ def table(config: str | Path | dict | GridConfig, *overrides: str, force: bool =
         from cqd.analysis.robustness import grid_robustness
 
         md += grid_robustness(collect(grid), grid, report_dir)
-    return {"markdown": md, "table": summary, "report_dir": str(report_dir), "reused": ran["reused"]}
+    return {"markdown": md, "table": summary, "report_dir": str(report_dir), "reused": ran["reused"], "submitted": []}
 
 
 def robustness(models: list[str | Path], config: str | Path | dict | RunConfig | None = None, *overrides: str,
@@ -123,28 +130,28 @@ def predict(model_path: str | Path, inputs, top_k: int = 5, batch_size: int = 64
     return _predict(model_path, inputs, top_k=top_k, batch_size=batch_size, device=device, strict=strict)
 
 
-def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str) -> dict:
+def tune(config: str | Path | dict | TuneConfig | GridConfig, *overrides: str,
+         executor: str | dict | None = None) -> dict:
     """Run (or continue) an Optuna study choosing the searched keys on the validation split (never the test set);
     returns its report ({"study", "trials", "best", "out_dir"}) and writes best.yaml, trials.csv and plots in out_dir.
 
     `config` is a tune YAML file, a dict (as a tune YAML would hold) or a loaded TuneConfig, with `overrides`.
     A grid config (one with `columns:`) instead tunes each of its rows with `tune:` in each column, one study per
-    row and column; that returns {column: {row id: report}}.
+    row and column; that returns {column: {row id: report}}. `executor`: where the trials run, as the config's
+    `executor:` (ray, slurm: `workers` workers on the one study).
     """
     from cqd.config import load_yaml
-    from cqd.experiments.tune import tune as _tune
+    from cqd.experiments.executors import study, with_executor
     from cqd.experiments.tune import tune_grid
 
     if isinstance(config, (TuneConfig, GridConfig)):
         config = config if not overrides else config.model_dump()
-    if isinstance(config, GridConfig):
-        return tune_grid(config)
-    if isinstance(config, TuneConfig):
-        return _tune(config)
-    data = config if isinstance(config, dict) else load_yaml(config)
-    if isinstance(data, dict) and "columns" in data:
-        return tune_grid(load_grid_config(config, list(overrides)))
-    return _tune(load_tune_config(config, list(overrides)))
+    if not isinstance(config, (TuneConfig, GridConfig)):
+        data = config if isinstance(config, dict) else load_yaml(config)
+        grid = isinstance(data, dict) and "columns" in data
+        config = (load_grid_config if grid else load_tune_config)(config, list(overrides))
+    config = with_executor(config, executor)
+    return tune_grid(config, study=study) if isinstance(config, GridConfig) else study(config)
 
 
 def sym(config: str | Path | dict, *overrides: str, force: bool = False) -> dict:

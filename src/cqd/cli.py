@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from cqd.experiments.flags import add_executor_flags, executor_overrides
+
 DEMO_SPECS = ["clutter:min_scale=0.5,max_scale=0.8", "lowres:size=8", "edges", "tps:grid=4,sigma=16",
               "clutter:min_scale=0.5,max_scale=0.8+lowres:size=12"]  # the columns of configs/quick.yaml
 
@@ -58,7 +60,7 @@ def _registered() -> str:
 def _overrides(args, root_key: str = "data.root") -> list[str]:
     """The key=value overrides, with --data-dir as `root_key` (grids and studies: base.data.root)."""
     extra = [f"{root_key}={args.data_dir}"] if getattr(args, "data_dir", None) else []
-    return list(args.overrides) + extra
+    return list(args.overrides) + extra + executor_overrides(args)
 
 
 def cmd_train(args) -> int:
@@ -114,7 +116,7 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _run_table(config: str, overrides: list[str], force: bool) -> int:
+def _run_table(config: str, overrides: list[str], force: bool, wait: bool = True) -> int:
     import time
 
     from cqd.experiments.schema import load_grid_config
@@ -132,7 +134,10 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
         done[0] += 1
         print(f"[{done[0]}/{total} {time.perf_counter() - t0:5.0f}s] {name}: {task.progress(res)}", flush=True)
 
-    out = table(grid, force=force, on_cell=on_cell)
+    out = table(grid, force=force, on_cell=on_cell, wait=wait)
+    if out["submitted"]:
+        print(f"{len(out['submitted'])} SLURM job(s) queued or running; run the same command again to collect them")
+        return 0
     print("\n" + out["markdown"])
     written = ", ".join(sorted(f.name for f in Path(out["report_dir"]).iterdir() if f.name != "table.md"))
     print(f"report: {out['report_dir']}/table.md, {written} ({time.perf_counter() - t0:.0f}s)")
@@ -140,26 +145,18 @@ def _run_table(config: str, overrides: list[str], force: bool) -> int:
 
 
 def cmd_table(args) -> int:
-    return _run_table(args.config, _overrides(args, "base.data.root"), args.force)
+    return _run_table(args.config, _overrides(args, "base.data.root"), args.force, not getattr(args, "no_wait", False))
 
 
 def cmd_tune(args) -> int:
     from cqd.api import tune
 
     res = tune(args.config, *_overrides(args, "base.data.root"))
-    studies = [res] if "study" in res else [r for by_row in res.values() for r in by_row.values()]
-    for r in studies:
-        _print_study(r)
+    from cqd.experiments.executors import describe_study
+
+    for r in [res] if "study" in res else [r for by_row in res.values() for r in by_row.values()]:
+        print(describe_study(r))
     return 0
-
-
-def _print_study(res: dict) -> None:
-    print(f"study {res['study']!r}: " + ", ".join(f"{n} {state}" for state, n in res["trials"].items()))
-    if res["best"]:
-        best = res["best"]
-        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-        print(f"best val top-1 on z: {100 * best['value']:.1f}% (trial {best['trial']}): {values}")
-    print(f"report: {res['out_dir']}/best.yaml, trials.csv, optimization_history.png, param_importances.png")
 
 
 def cmd_multires(args) -> int:
@@ -269,10 +266,12 @@ def build_parser(registries: str | None = None) -> argparse.ArgumentParser:
     p = command("table", "the paper's Table 1: methods x degradations x seeds, resumable")
     _common(p, config_required=True)
     p.add_argument("--force", action="store_true", help="redo cells that already have a result")
+    add_executor_flags(p, no_wait=True)
     p.set_defaults(func=cmd_table)
 
     p = command("tune", "choose a method's settings (e.g. lambda, T, lr) on the validation split with Optuna")
     _common(p, config_required=True)
+    add_executor_flags(p)
     p.set_defaults(func=cmd_tune)
 
     p = command("demo", "the quick Table 1 on the embedded Fashion-MNIST (a few minutes on 2 CPU cores)")

@@ -6,7 +6,8 @@ same settings (`finished`) is skipped, so a grid is resumable; a result made und
 stops the grid (`CellMismatch`), and `--force` redoes cells. Several processes (or machines sharing the folder) can
 work on one grid: a cell is claimed by creating its lock file exclusively, and a lock whose
 process is gone (same host) is taken over. Each distinct teacher is trained once per seed and
-shared by every cell that needs it.
+shared by every cell that needs it. This is the `local` executor; Ray and SLURM run the same `run_cell` after the
+same `prepare` (`cqd.experiments.executors`).
 """
 from __future__ import annotations
 
@@ -250,12 +251,16 @@ def finished(cfg: RunConfig, teacher: bool = False, ignore: tuple[str, ...] = ()
 
 
 def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None, teacher: bool = False,
-             ignore: tuple[str, ...] = ()) -> dict | None:
+             ignore: tuple[str, ...] = (), token: str | None = None, on_claim: Callable[[], None] | None = None
+             ) -> dict | None:
     """Run one cell unless done or claimed by another process; returns its result (None if held elsewhere).
+    The cell function of every executor (`cqd.experiments.executors`).
 
     Done: `finished` (a result made under the same settings; another result is a CellMismatch). With
     `redo_before` (a time.time()), a result written before then is redone (`--force`); one written since, e.g.
     by another process of the same forced grid, counts as done. `teacher`, `ignore`: as `finished` takes them.
+    `token`: the executor task's name for its lock (`claim`); `on_claim()` is called once the cell is claimed to be
+    run here.
     """
     from cqd.engine.evaluate import evaluate_saved
     from cqd.experiments.rounds import train
@@ -270,11 +275,13 @@ def run_cell(kind: str, cfg: RunConfig, redo_before: float | None = None, teache
 
     if (res := done()) is not None:
         return res
-    with claim(out) as mine:
+    with claim(out, token) as mine:
         if not mine:
             return None
         if (res := done()) is not None:  # finished by another process between the check and the claim
             return res
+        if on_claim is not None:
+            on_claim()
         if redo_before is not None:
             for name in (RESULT, "last.ckpt", MODEL):
                 (out / name).unlink(missing_ok=True)
@@ -298,20 +305,15 @@ def collect(grid: GridConfig) -> list[tuple[Cell, dict | None]]:
     return out
 
 
-def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
-             poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> dict:
-    """Run every cell not yet done (with `force`, every cell whose result predates this call); returns
-    {"reused": names of the cells finished before this call under the same settings, not run again}.
-
-    First every finished-looking cell is checked (`finished`): one whose result was made under other settings
-    stops the grid before anything is trained (a CellMismatch naming the cells and keys), unless `force`.
-    A cell held by another process, or whose teacher another process is still training, is
-    retried after the others; the call returns when every cell has a result. While only such
-    cells are left, every `note_s` seconds `log` names the locks it waits for.
-    """
+def prepare(grid: GridConfig, force: bool = False, log: Callable[[str], None] = print
+            ) -> tuple[list[Cell], list[str], float | None]:
+    """(every cell in run order, the names of those finished under the same settings, the `redo_before` cutoff of
+    `run_cell`: now with `force`, else None), after checking every finished-looking cell (`finished`): one whose
+    result was made under other settings stops the grid before anything is trained (a CellMismatch naming the cells
+    and keys), unless `force`. Writes grid.json. Every executor starts here."""
     out = Path(grid.out_dir)
-    pending, reused, stale = plan(grid, out), [], []
-    for cell in pending:
+    cells, reused, stale = plan(grid, out), [], []
+    for cell in cells:
         try:
             if finished(cell.cfg, teacher=cell.column is None) is not None:
                 reused.append(cell.cfg.name)
@@ -328,7 +330,20 @@ def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict
         reused = []
     elif reused:
         log(f"reused {len(reused)} finished cell(s) whose settings match this config: {', '.join(reused)}")
-    noted, since = time.monotonic(), time.time() if force else None
+    return cells, reused, time.time() if force else None
+
+
+def run_grid(grid: GridConfig, force: bool = False, on_cell: Callable[[str, dict], None] | None = None,
+             poll_s: float = 5.0, note_s: float = 300.0, log: Callable[[str], None] = print) -> dict:
+    """Run every cell not yet done (with `force`, every cell whose result predates this call); returns
+    {"reused": names of the cells finished before this call under the same settings, not run again}.
+
+    First every finished-looking cell is checked (`prepare`). A cell held by another process, or whose teacher
+    another process is still training, is retried after the others; the call returns when every cell has a
+    result. While only such cells are left, every `note_s` seconds `log` names the locks it waits for.
+    """
+    pending, reused, since = prepare(grid, force, log)
+    noted = time.monotonic()
     while pending:
         waiting = []
         for cell in pending:

@@ -1,5 +1,7 @@
 """Claiming a grid cell with a lock file, so that several processes (or machines sharing the folder) split a
-grid: the lock is created exclusively; one whose process is gone (same host) is taken over."""
+grid: the lock is created exclusively; one whose process is gone (same host) is taken over, and so is one left by an
+earlier attempt of the same executor task (its `token`: Ray and SLURM retry a cell only once its last attempt is
+dead, on whichever host)."""
 from __future__ import annotations
 
 import json
@@ -10,19 +12,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, ended but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state after the command's closing parenthesis
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
-def claim(cell: Path):
+def claim(cell: Path, token: str | None = None):
     """Yield True if this process owns `cell` (exclusive lock file), False if another live one does.
+    A lock with the same `token` (an executor's name for one task, the same in each of its attempts) is taken over.
 
     The lock is written whole under a temporary name and hard-linked into place (link fails if the
     lock exists), so no lock is ever seen empty or half-written by another process. A lock that cannot
@@ -31,7 +38,7 @@ def claim(cell: Path):
     """
     cell.mkdir(parents=True, exist_ok=True)
     lock = cell / ".lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), **({"token": token} if token else {})}
     tmp = cell / f".lock.{me['host']}.{me['pid']}.tmp"
     tmp.write_text(json.dumps(me))
     try:
@@ -39,7 +46,7 @@ def claim(cell: Path):
             try:
                 os.link(tmp, lock)
             except FileExistsError:
-                if not _stale(lock, me["host"]):
+                if not _stale(lock, me["host"], token):
                     yield False
                     return
                 lock.unlink(missing_ok=True)
@@ -57,7 +64,7 @@ def claim(cell: Path):
 UNREADABLE_LOCK_S = 60.0
 
 
-def _stale(lock: Path, host: str) -> bool:
+def _stale(lock: Path, host: str, token: str | None = None) -> bool:
     try:
         owner = json.loads(lock.read_text())
         pid = int(owner["pid"])
@@ -68,7 +75,9 @@ def _stale(lock: Path, host: str) -> bool:
             return time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_S
         except FileNotFoundError:
             return True
-    return owner.get("host") == host and not _alive(pid)
+    if token is not None and owner.get("token") == token:  # an earlier attempt of this task, which is dead
+        return True
+    return owner.get("host") == host and not alive(pid)
 
 
 def holder(cell: Path) -> str:

@@ -15,6 +15,7 @@ from cqd.degradations import check_spec
 from cqd.degradations.sweep import expand
 from cqd.engine.schema import RunConfig, schema_of
 from cqd.errors import ConfigError
+from cqd.experiments.executor_config import ExecutorConfig, executor_section
 from cqd.methods import METHODS
 from cqd.schema import MAX_SEED, Strict
 
@@ -100,8 +101,10 @@ class StudySettings(Strict):
     startup_trials: int = Field(10, ge=1, description="TPE's start-up trials, drawn at random before it models the "
                                                       "results (Optuna's default 10); a study of no more trials is "
                                                       "random search")
-    storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) to share the study "
-                                                  "between machines; default: sqlite in out_dir/study.db")
+    storage: str | None = Field(None, description="a database URL (e.g. postgresql://host/db) or journal:PATH "
+                                                  "(Optuna's journal file on a folder the machines share, no server) "
+                                                  "to share the study between machines; default: sqlite in "
+                                                  "out_dir/study.db")
     pruner: PrunerConfig = PrunerConfig()
     heartbeat_s: int = Field(60, ge=1, description="a running trial records a heartbeat this often; one silent for 2 "
                                                    "heartbeats (its process was killed) is marked failed by the next "
@@ -185,6 +188,8 @@ class GridConfig(Strict):
                                                           "first-seed model, and each pair's distillation gain")
     robustness: GridRobustness | None = Field(None, description="after the cells: top-1 of some rows' first-seed "
                                                                 "models under a sweep of degradations, and mCE")
+    executor: ExecutorConfig = Field(ExecutorConfig(), description="where the cells (and the studies' trials) run: "
+                                                                   "local, ray or slurm (`cqd table --executor`)")
 
     @field_validator("rows", mode="before")
     @classmethod
@@ -278,6 +283,8 @@ class TuneConfig(StudySettings):
     search: dict[str, SearchRange] = Field(min_length=1, description="dotted key -> range, e.g. "
                                                                      "method.cqd.lam: {low: 1, high: 300, log: true}")
     study_name: str | None = Field(None, description="default: name")
+    executor: ExecutorConfig = Field(ExecutorConfig(), description="where the trials run: local, or workers on ray "
+                                                                   "or slurm (`cqd tune --executor`)")
 
     @model_validator(mode="after")
     def _searchable(self) -> "TuneConfig":
@@ -330,5 +337,5 @@ def with_base(model: type[GridConfig] | type[TuneConfig], data: Any) -> type:
 
 def _load(model, path, overrides):
     overrides = list(overrides) if isinstance(overrides, (list, tuple)) else overrides
-    data = apply_overrides(path if isinstance(path, dict) else load_yaml(path), overrides)
+    data = apply_overrides(executor_section(path if isinstance(path, dict) else load_yaml(path)), overrides)
     return validate(with_base(model, data), data, "(dict)" if isinstance(path, dict) else str(path), overrides)

@@ -4,9 +4,10 @@ split with Optuna, as the paper chose T and lambda "on the validation set". The 
 A study: Optuna's TPE sampler draws the searched keys; each trial trains the base run with them in
 `<out_dir>/trials/NNNN`, reports val top-1 on z at each evaluated epoch to a median pruner through the
 engine's per-epoch callback (a pruned trial stops there), and returns its final val top-1 on z, which the
-study maximizes. The study lives in an Optuna storage (SQLite in out_dir by default, or any database URL)
-opened with `load_if_exists`, so a second call, process or machine running the same config continues it
-until `n_trials` trials have finished. The teachers are trained once per study, shared by every trial.
+study maximizes. The study lives in an Optuna storage (SQLite in out_dir by default, any database URL, or Optuna's
+journal file on a shared folder: `journal:PATH`) opened with `load_if_exists`, so a second call, process, machine
+or executor worker running the same config continues it until `n_trials` trials have finished. The teachers are
+trained once per study, shared by every trial.
 """
 from __future__ import annotations
 
@@ -38,37 +39,53 @@ BEST, TRIALS_CSV, HISTORY_PNG, IMPORTANCE_PNG = ("best.yaml", "trials.csv", "opt
 
 
 def tune(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0) -> dict:
-    """Run (or continue) the study of `tc` until it holds `n_trials` finished trials; write its report."""
+    """Run (or continue) the study of `tc` in this process until it holds `n_trials` finished trials; write its
+    report. (Workers on Ray or SLURM: `cqd.experiments.executors.study`.)"""
+    return write_report(work(tc, log, poll_s), tc, log)
+
+
+def open_study(tc: TuneConfig, log: Callable[[str], None] = print, worker: int = 0):
+    """(the study of `tc`, created or loaded, its settings checked against its first call's (`same_study`), its
+    storage). Worker `worker` of several started at once draws apart from the others."""
     import optuna
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
 
     check_storage(tc)
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=tc.study_name or tc.name, storage=storage(tc), load_if_exists=True,
+    store = storage(tc)
+    study = optuna.create_study(study_name=tc.study_name or tc.name, storage=store, load_if_exists=True,
                                 direction="maximize", pruner=optuna.pruners.MedianPruner(
                                     n_startup_trials=tc.pruner.n_startup_trials,
                                     n_warmup_steps=tc.pruner.n_warmup_steps))
     # a call that joins or continues a study must not repeat the first call's draws: offset the seed by the trials
-    # so far; constant_liar: a running trial (of any process) counts as a poor result, so parallel trials spread out
-    study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials), constant_liar=True,
+    # so far (and by the worker); constant_liar: a running trial (of any process) counts as a poor result, so
+    # parallel trials spread out
+    study.sampler = optuna.samplers.TPESampler(seed=tc.seed + len(study.trials) + 7919 * worker, constant_liar=True,
                                                n_startup_trials=tc.startup_trials)
-    if tc.n_trials <= tc.startup_trials:
+    if tc.n_trials <= tc.startup_trials and worker == 0:
         log(f"note: n_trials={tc.n_trials} <= startup_trials={tc.startup_trials}: TPE draws every trial of this "
             "study at random (its start-up phase); raise n_trials or lower startup_trials for TPE's model to choose")
     same_study(study, tc)
     save_json(tc.model_dump(mode="json"), out / "tune.json")
+    return study, store
+
+
+def work(tc: TuneConfig, log: Callable[[str], None] = print, poll_s: float = 5.0, worker: int = 0):
+    """Run trials of the study of `tc` (its teachers first) until it holds `n_trials` finished ones; returns it."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    study, store = open_study(tc, log, worker)
     base = shared_teachers(tc, log, poll_s)
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     left = tc.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if left > 0:
         log(f"study {study.study_name!r}: {left} of {tc.n_trials} trials to run, maximizing {OBJECTIVE}")
-        study.optimize(lambda trial: objective(trial, tc, base), n_trials=left, catch=(TrainingDiverged,),
-                       callbacks=[MaxTrialsCallback(tc.n_trials, states=finished)], show_progress_bar=True)
+        study.optimize(lambda trial: objective(trial, tc, base, store), n_trials=left, catch=(TrainingDiverged,),
+                       callbacks=[MaxTrialsCallback(tc.n_trials, states=finished)], show_progress_bar=worker == 0)
     else:
         log(f"study {study.study_name!r} already holds {tc.n_trials} finished trials")
-    return write_report(study, tc, log)
+    return study
 
 
 # Base settings that may differ between the calls and machines of one study: they do not change a trial's result.
@@ -100,8 +117,11 @@ def same_study(study, tc: TuneConfig) -> None:
                           "continue it with the same settings, or start another study (study_name or out_dir)")
 
 
+JOURNAL = "journal:"  # storage: journal:PATH, Optuna's journal file (a shared folder, no database server)
+
+
 def storage_url(tc) -> str:
-    """The study's database URL: `tc.storage`, or SQLite in out_dir."""
+    """The study's storage: `tc.storage` (a database URL or journal:PATH), or SQLite in out_dir."""
     return tc.storage or f"sqlite:///{(Path(tc.out_dir) / 'study.db').resolve()}"
 
 
@@ -116,7 +136,18 @@ def check_storage(tc) -> None:
     if tc.storage is None:
         return
     url = tc.storage
-    advice = "give e.g. sqlite:///runs/tune/study.db, postgresql://host/db or mysql://host/db, or leave storage unset"
+    advice = ("give e.g. sqlite:///runs/tune/study.db, postgresql://host/db, mysql://host/db or "
+              "journal:/shared/study.log (Optuna's journal file), or leave storage unset")
+    if url.startswith(JOURNAL):
+        path = Path(url[len(JOURNAL):])
+        folder = path.parent
+        if not url[len(JOURNAL):] or path.is_dir():
+            raise ConfigError(f"storage={url!r}: give the journal file's path after journal:, e.g. journal:runs/tune/"
+                              "study.log (on a folder every worker shares)")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"storage={url!r}: the folder of the journal file, {folder}, "
+                              f"{'does not exist' if not folder.is_dir() else 'cannot be written'}; {advice}")
+        return
     try:
         parsed = make_url(url)
         parsed.get_dialect()
@@ -145,6 +176,10 @@ def storage(tc: TuneConfig, attempts: int = 5):
 
     check_storage(tc)
     url = storage_url(tc)
+    if url.startswith(JOURNAL):  # no heartbeats: `fail_dead_trials` judges a running trial by its host and pid
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len(JOURNAL):]))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
@@ -160,11 +195,13 @@ def storage(tc: TuneConfig, attempts: int = 5):
             time.sleep(0.5 * (attempt + 1))
 
 
-def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: float = 5.0) -> dict:
+def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: float = 5.0,
+              study: Callable[..., dict] | None = None) -> dict:
     """Tune every row with `tune:` in every column: one study per (column, row) on the grid's first seed, in
     `<out_dir>/tune/<column>/<row>`, whose best.yaml the row's cells then read. A study's trials train the cell
     as the grid would (the row's settings, the column's twins) against the grid's own teacher of that seed,
-    trained here once if the grid has not yet. Start the same command in several processes to share the studies."""
+    trained here once if the grid has not yet. Start the same command in several processes to share the studies.
+    `study(tc, log, poll_s)` runs each study (default `tune`; the grid's executor: `executors.study`)."""
     from cqd.experiments.grid import cell_config, shared_teacher
 
     out, seed, reports = Path(grid.out_dir), grid.seeds[0], {}
@@ -180,10 +217,10 @@ def tune_grid(grid: GridConfig, log: Callable[[str], None] = print, poll_s: floa
             train_teachers(cfg, lambda k: shared_teacher(grid, column, row, seed, k, out), log, poll_s)
             where = out / "tune" / column / row.id
             tc = TuneConfig(name=f"{grid.name}/{column}/{row.id}", out_dir=str(where), base=cfg, search=row.tune,
-                            **grid.tune.model_dump())
+                            executor=grid.executor, **grid.tune.model_dump())
             log(f"tuning row {row.id!r} in column {column!r}: {', '.join(row.tune)} "
                 f"({grid.tune.n_trials} trials, seed {seed})")
-            reports.setdefault(column, {})[row.id] = tune(tc, log, poll_s)
+            reports.setdefault(column, {})[row.id] = (study or tune)(tc, log, poll_s)
     return reports
 
 
@@ -231,22 +268,49 @@ def trial_config(base: dict, tc: TuneConfig, params: dict[str, Any], number: int
     return run_config(apply_overrides(base, dotted({**params, **where})))
 
 
-def objective(trial, tc: TuneConfig, base: dict) -> float:
+def objective(trial, tc: TuneConfig, base: dict, store=None) -> float:
     """Train one trial; its value is the last val top-1 on z. Raises optuna.TrialPruned when the pruner stopped it
-    early."""
+    early. On a journal storage, running trials of dead workers are marked failed first."""
     import optuna
 
     from cqd.experiments.rounds import train
 
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process runs it
+    if store is not None and storage_url(tc).startswith(JOURNAL):
+        fail_dead_trials(trial.study, store)
     cfg = trial_config(base, tc, {key: suggest(trial, key, r) for key, r in tc.search.items()}, trial.number)
     trial.set_user_attr("out_dir", cfg.out_dir)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
     result = train(cfg, on_epoch=pruning_callback(trial), force=True)  # the trial's folder is the study's
     epochs = len(result["history"])
     if epochs < cfg.train.epochs:  # stopped by the pruner (a trial that ran all its epochs is complete)
         raise optuna.TrialPruned(f"{cfg.name}: pruned after epoch {epochs} of {cfg.train.epochs} "
                                  f"({OBJECTIVE}={result[OBJECTIVE]:.4f})")
     return result[OBJECTIVE]
+
+
+def fail_dead_trials(study, store) -> list[int]:
+    """Mark failed each running trial whose worker (`host:pid`, as it recorded) ran on this host and is gone, the
+    grid's locks' rule (a storage without heartbeats: the journal); returns their numbers. A worker on another host
+    is judged there, by the next trial it starts."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    from cqd.experiments.locks import alive
+
+    failed, host = [], socket.gethostname()
+    study_id = store.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        where, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if where == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            try:
+                store.set_trial_state_values(store.get_trial_id_from_study_id_trial_number(study_id, t.number),
+                                             TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another worker marked it first
+                continue
+            failed.append(t.number)
+            warnings.warn(f"trial {t.number} of study {study.study_name!r} was left running by {where}:{pid}, a "
+                          "process that is gone: marked failed", stacklevel=2)
+    return failed
 
 
 def pruning_callback(trial) -> Callable[[dict], bool]:
