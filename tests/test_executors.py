@@ -154,21 +154,28 @@ def test_a_ray_worker_killed_mid_cell_is_retried_and_no_finished_cell_runs_again
     victim = tmp_path / "grid" / "cells" / "lowres" / "cqd" / "s0"
     killed, before = [], {}
 
-    def kill():  # SIGKILL the worker that holds the cell, once it has claimed it
-        deadline = time.monotonic() + 120
-        while not killed and time.monotonic() < deadline:
+    def kill():  # SIGKILL the worker that runs the cell, once it has claimed it and recorded its attempt
+        while not killed and not finished.is_set():  # however long a loaded machine takes to get there
             try:
                 pid = json.loads((victim / ".lock").read_text())["pid"]
+                recorded = [a["pid"] for a in json.loads((victim / "executor.json").read_text())["attempts"]]
             except (OSError, ValueError, KeyError):
+                time.sleep(0.01)
+                continue
+            if recorded != [pid]:  # claimed, but its attempt is not written yet
                 time.sleep(0.01)
                 continue
             before.update({p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")})
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
+    finished = threading.Event()
     watcher = threading.Thread(target=kill, daemon=True)
     watcher.start()
-    table(grid(tmp_path, name="ray", gpus_per_cell=0))
+    try:
+        table(grid(tmp_path, name="ray", gpus_per_cell=0))
+    finally:
+        finished.set()
     watcher.join(timeout=5)
     assert killed and (report(tmp_path), results(tmp_path)) == local
     tries = attempts(tmp_path)

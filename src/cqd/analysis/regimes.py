@@ -139,7 +139,7 @@ def figure(maps: dict, path: Path) -> Path:
             for j, c in enumerate(maps["columns"]):
                 st = kinds[k][c]
                 ax.text(j, i, f"{st['mean']:+.1f}{'*' if st['sure'] else ''}\n±{st['std']:.1f}", ha="center",
-                        va="center", fontsize=8)
+                        va="center", fontsize=8, color="white" if abs(st["mean"]) > 0.6 * top else "black")
         a, b = comp.split("-")
         ax.set_title(f"{deg}\n{NAMES[a]} - {NAMES[b]}", fontsize=8)
         ax.set_xticks(range(len(maps["labels"])), maps["labels"], fontsize=7)
