@@ -54,3 +54,18 @@ def tiny_cfg(root: Path, name: str, **over) -> dict:
         "method": {"name": "cqd"},
     }
     return nested(cfg, **over)
+
+
+def Score(a: float):
+    """A stand-in discriminator: a * the mean of the map, per image."""
+    from torch import nn
+
+    class _Score(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = a
+
+        def forward(self, m):
+            return self.a * m.float().mean((1, 2, 3))[:, None]
+
+    return _Score()

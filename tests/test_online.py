@@ -23,7 +23,7 @@ from cqd.methods import METHODS, Step
 from cqd.methods.afd import AFD, AFDParams, discriminator_loss, generator_loss
 from cqd.methods.dml import DML, DMLParams, mutual_terms
 from cqd.models import create_model
-from helpers import interrupt_at_step, tiny_cfg
+from helpers import Score, interrupt_at_step, tiny_cfg
 
 SAMPLE = torch.zeros(2, 1, 32, 32)
 
@@ -94,23 +94,12 @@ def test_lsgan_losses_on_known_scores():
     assert generator_loss(fake).item() == pytest.approx((1 + 0.25) / 2)
 
 
-class _Score(nn.Module):
-    """A stand-in discriminator: a * the mean of the map, per image."""
-
-    def __init__(self, a: float):
-        super().__init__()
-        self.a = a
-
-    def forward(self, m):
-        return self.a * m.float().mean((1, 2, 3))[:, None]
-
-
 def test_afd_legacy_direction_next_pairs_each_network_with_the_next_cyclically_for_K_3():
     """`direction: next` (cqd before the key; the default, the paper's, is in test_reference_defaults.py)."""
     torch.manual_seed(0)
     method = AFD(create_model("resnet8", 10, 1), AFDParams(k=3, direction="next", real="raw"), sample=SAMPLE)
     a = [0.5, 2.0, -1.5]  # distinct, so a discriminator given another pair's maps gives other numbers
-    method.discs = nn.ModuleList(_Score(v) for v in a)
+    method.discs = nn.ModuleList(Score(v) for v in a)
     pair = _pair()
     _, adv = method(Step(pair, phase="adv"))
     _, disc = method(Step(pair, phase="disc"))

@@ -28,6 +28,7 @@ from cqd.methods.ft import FactorTransfer, FTParams
 from cqd.models import create_model
 from cqd.models.taps import FeatureTaps, stage_outputs
 from cqd.tasks.sr.data import SRConfig, SRImages, modcrop
+from helpers import Score
 
 SAMPLE = torch.zeros(2, 1, 32, 32)
 
@@ -167,19 +168,8 @@ def test_the_repdistiller_distance_is_the_l1_of_attention_maps_of_pooled_factors
 
 # --- AFD ------------------------------------------------------------------------------------------------------------
 
-class _Score(nn.Module):
-    """A stand-in discriminator: a * the mean of the map, per image."""
-
-    def __init__(self, a: float):
-        super().__init__()
-        self.a = a
-
-    def forward(self, m):
-        return self.a * m.float().mean((1, 2, 3))[:, None]
-
-
 def _afd_losses(method: AFD, a: list[float]):
-    method.discs = nn.ModuleList(_Score(v) for v in a)
+    method.discs = nn.ModuleList(Score(v) for v in a)
     pair = step_for([], []).pair
     _, adv = method(Step(pair, phase="adv"))
     _, disc = method(Step(pair, phase="disc"))
