@@ -115,11 +115,15 @@ class Teachers:
         self.taps: list[FeatureTaps | None] = [None] * len(self.models)
         self.logit_tables: list[Tensor | None] = [None] * len(self.models)
         self.feature_tables: list[tuple[Tensor, dict[str, Tensor]] | None] = [None] * len(self.models)
-        self.temperatures = [1.0] * len(self.models)  # f_k's logits are divided by this (teacher.calibrate)
-        self.calibrations: list[dict | None] = [None] * len(self.models)
+        self.calibrations: list[dict | None] = [None] * len(self.models)  # teacher.calibrate's fit, per teacher
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def temperature(self, k: int) -> float:
+        """f_k's logits are divided by this: its fitted temperature (teacher.calibrate), else 1."""
+        c = self.calibrations[k]
+        return 1.0 if c is None else c["temperature"]
 
     def tap(self, names: list[list[str]]) -> None:
         """Collect these layers' outputs of each teacher (the method's `teacher_taps`)."""
@@ -146,7 +150,7 @@ class Teachers:
                     logits.append(self.models[k](maker.normalize(maker.hq(batch, self.fabric.device))).float())
                 labels.append(batch["label"])
             c = calibration(torch.cat(logits).cpu(), torch.cat(labels))
-            self.temperatures[k], self.calibrations[k] = c["temperature"], c
+            self.calibrations[k] = c
             self.log(f"teacher {k} calibrated on {len(val_ds)} validation items: T_cal {c['temperature']:.3f}, "
                      f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
                      f"ECE (15 bins) {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
@@ -162,7 +166,7 @@ class Teachers:
             maker = self.makers[k] or run_maker
             if not maker.teacher_input_fixed:
                 continue
-            t = self.temperatures[k]
+            t = self.temperature(k)
             key = cache_key(model, identity if t == 1.0 else {**identity, "temperature": t}, maker.view_key())
             table, hit = cached_teacher_logits(cfg.cache_dir, key,
                                                lambda: self._pass(k, all_loader, maker, len(base_train))[0] / t,
@@ -256,6 +260,7 @@ class Teachers:
                 continue
             with self.fabric.autocast():
                 out = model(self._input(k, batch, pair, epoch)).float()
-            logits.append(out if self.temperatures[k] == 1.0 else out / self.temperatures[k])
+            t = self.temperature(k)
+            logits.append(out if t == 1.0 else out / t)
             features.append({name: f.float() for name, f in (self.taps[k].out.items() if self.taps[k] else ())})
         return logits, features
