@@ -219,3 +219,27 @@ def test_sequential_rounds_chain_the_right_checkpoints(root, teachers, monkeypat
                         lambda self, on_epoch=None: runs.append(self.cfg.out_dir) or real(self, on_epoch))
     train(copy.deepcopy(cfg), resume=True)
     assert runs == [str(out)]  # rounds 1 and 2 are done; the last round resumes (and finds itself finished)
+
+
+def test_a_finished_sequential_run_counts_as_finished_under_its_own_config(root, teachers):
+    """A grid reuses a finished sequential cell: its result holds the run's config (R rounds, round 1's teachers), not
+    its last round's, so a change of round 1's settings is still seen; a result written before (the last round's
+    config) is compared with the last round's config."""
+    from cqd.experiments.grid import CellMismatch, finished
+    from cqd.files import load_json, save_json
+
+    cfg = feed_cfg(root, "seq-reuse", teachers, train__max_steps_per_epoch=1,
+                   method__feed={"teacher_layers": [None, "features.6"], "rounds": 2})
+    train(copy.deepcopy(cfg))
+    res = finished(run_config(copy.deepcopy(cfg)))
+    assert res["config"]["method"]["feed"]["rounds"] == 2 and res["round_config"]["method"]["feed"]["rounds"] == 1
+    assert [t["checkpoint"] for t in res["config"]["teachers"]] == teachers
+    other = copy.deepcopy(cfg)
+    other["method"]["feed"]["beta"] = 100.0
+    with pytest.raises(CellMismatch, match="method.feed.beta"):
+        finished(run_config(other))
+    path = Path(cfg["out_dir"]) / "result.json"
+    before = load_json(path)
+    before["config"] = before.pop("round_config")
+    save_json(before, path)
+    assert finished(run_config(copy.deepcopy(cfg)))["acc_lq"] == res["acc_lq"]

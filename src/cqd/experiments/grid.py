@@ -33,6 +33,7 @@ from cqd.engine.teachers import teacher_run_config
 from cqd.engine.trainer import RESULT
 from cqd.errors import CheckpointError, ConfigError
 from cqd.experiments.locks import claim, holder
+from cqd.experiments.rounds import round_config, rounds_of
 from cqd.experiments.schema import GridConfig, RowConfig
 from cqd.files import load_json, save_json
 from cqd.methods import METHODS
@@ -244,7 +245,10 @@ def finished(cfg: RunConfig, teacher: bool = False, ignore: tuple[str, ...] = ()
         warnings.warn(f"{path} holds no result (a {type(res).__name__}): redoing cell {cfg.name}", stacklevel=2)
         return None
     if isinstance(res.get("config"), Mapping):  # (results of every cqd version hold their config)
-        diff = changed(res["config"], cfg.model_dump(), teacher, ignore)
+        rounds = rounds_of(cfg)
+        # a sequential run's result written before it held the run's config holds its last round's
+        made = cfg if rounds == 1 or "round_config" in res else round_config(cfg, rounds)
+        diff = changed(res["config"], made.model_dump(), teacher, ignore)
         if diff:
             raise CellMismatch([(cfg.name, diff)])
     return res

@@ -7,11 +7,13 @@ run itself (`<out_dir>/model.pt`, `result.json`). With `--resume` a finished rou
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cqd.engine.model_files import MODEL
 from cqd.engine.trainer import RESULT, run_config
 from cqd.engine.trainer import train as train_one
+from cqd.files import save_json
 from cqd.methods import METHODS
 
 
@@ -50,6 +52,10 @@ def train(cfg, resume: bool = False, fabric=None, on_epoch=None, force: bool = F
                 and (Path(c.out_dir) / MODEL).is_file()):
             continue
         res = train_one(c, resume=resume, fabric=fabric, on_epoch=on_epoch, force=force)
+    # round R wrote its own config; the run's result holds the run's (what a grid compares a finished cell with)
+    res = {**res, "config": cfg.model_dump(), "round_config": res["config"]}
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one writes
+        save_json(res, Path(cfg.out_dir) / RESULT)
     return res
 
 
