@@ -115,6 +115,33 @@ def test_fresh_twins_each_epoch_reuse_the_cached_table_and_f_never_runs(teacher,
     assert torch.allclose(used, by_hand(teacher, cfg, index), atol=1e-4)
 
 
+
+def test_a_tapped_teacher_runs_once_over_x_for_its_logits_and_its_maps(teacher, tmp_path, monkeypatch, capsys):
+    """FitNet taps f: on a cache miss one pass over the training items gives both the logits table and the maps; on
+    a hit one pass gives the maps; maps over train.feature_cache_mb are not kept by the logits pass."""
+    spy, kept = Spy(monkeypatch), []
+    counted = Teachers._pass
+
+    def pass_(self, *a, **k):
+        out = counted(self, *a, **k)
+        kept.append(sum(m.numel() for m in out[2].values()))
+        return out
+
+    monkeypatch.setattr(Teachers, "_pass", pass_)
+    fitnet = {"teacher__checkpoint": teacher, "method__name": "fitnet"}
+    train(tiny_cfg(tmp_path, "miss", **fitnet))
+    out = capsys.readouterr().out
+    assert "computed and cached" in out and "feature maps: computed once" in out
+    assert spy.passes == 1 and kept[0] > 0, (spy.passes, kept)
+    spy.reset(), kept.clear()
+    train(tiny_cfg(tmp_path, "hit", **fitnet))
+    assert "cache hit" in capsys.readouterr().out and spy.passes == 1 and kept[0] > 0
+    spy.reset(), kept.clear()
+    train(tiny_cfg(tmp_path, "big", train__feature_cache_mb=0, data__image_size=24, **fitnet))  # a miss: new size
+    out = capsys.readouterr().out
+    assert "computed and cached" in out and "computed every step" in out and kept == [0], kept
+
+
 def _changed(tmp_path: Path, teacher: str, cub_root: Path | None, part: str) -> tuple[dict, dict, str]:
     """(base config, the same run with one key part changed, the view f sees in the changed run)."""
     short = {"teacher__checkpoint": teacher}

@@ -166,23 +166,27 @@ class Teachers:
             maker = self.makers[k] or run_maker
             if not maker.teacher_input_fixed:
                 continue
-            t = self.temperature(k)
+            t, size = self.temperature(k), len(base_train)
+            mb = self._feature_mb(k, maker, len(train_ds)) if self.taps[k] is not None else 0.0
+            keep = self.taps[k] is not None and mb <= cfg.train.feature_cache_mb
+            passes = []  # a logits miss's pass, whose maps (when kept) serve below: one pass over x, not two
+
+            def compute(k=k, maker=maker, keep=keep, t=t, size=size, passes=passes):
+                passes.append(self._pass(k, all_loader, maker, size, keep))
+                return passes[0][0] / t
+
             key = cache_key(model, identity if t == 1.0 else {**identity, "temperature": t}, maker.view_key())
-            table, hit = cached_teacher_logits(cfg.cache_dir, key,
-                                               lambda: self._pass(k, all_loader, maker, len(base_train))[0] / t,
-                                               {"temperature": t})
+            table, hit = cached_teacher_logits(cfg.cache_dir, key, compute, {"temperature": t})
             self.logit_tables[k] = table.to(fabric.device)
             self.log(f"teacher {k} logits: {'cache hit' if hit else 'computed and cached'} "
                      f"({cfg.cache_dir}/teacher-{key}.pt)")
-            if self.taps[k] is not None:
-                mb = self._feature_mb(k, maker, len(train_ds))
-                if mb <= cfg.train.feature_cache_mb:
-                    _, slots, maps = self._pass(k, all_loader, maker, len(base_train))
-                    self.feature_tables[k] = (slots, maps)
-                    self.log(f"teacher {k} feature maps: computed once ({mb:.0f} MB on {fabric.device})")
-                else:
-                    self.log(f"teacher {k} feature maps: {mb:.0f} MB > "
-                             f"train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
+            if keep:
+                _, slots, maps = passes[0] if passes else self._pass(k, all_loader, maker, size, True)
+                self.feature_tables[k] = (slots, maps)
+                self.log(f"teacher {k} feature maps: computed once ({mb:.0f} MB on {fabric.device})")
+            elif self.taps[k] is not None:
+                self.log(f"teacher {k} feature maps: {mb:.0f} MB > "
+                         f"train.feature_cache_mb={cfg.train.feature_cache_mb}: computed every step")
 
     def _identity(self, train_ds, base_train) -> dict:
         """What the teachers' inputs depend on, besides their view: the data and the precision."""
@@ -230,8 +234,9 @@ class Teachers:
         return n * sum(t.numel() for t in self.taps[k].out.values()) * 4 / 2**20
 
     @torch.no_grad()
-    def _pass(self, k: int, loader, maker, size: int):
-        """(logits table by dataset index, slot of each dataset index, tapped maps by slot) over `loader`."""
+    def _pass(self, k: int, loader, maker, size: int, keep_maps: bool):
+        """(logits table by dataset index, slot of each dataset index, tapped maps by slot, when `keep_maps`) over
+        `loader`."""
         model, taps, device = self.models[k], self.taps[k], self.fabric.device
         table, slots, maps, n = None, torch.full((size,), -1, dtype=torch.long, device=device), {}, 0
         for batch in loader:
@@ -243,7 +248,7 @@ class Teachers:
             table[index] = logits
             slots[index] = torch.arange(n, n + len(index), device=device)
             n += len(index)
-            for name, f in (taps.out.items() if taps is not None else ()):
+            for name, f in (taps.out.items() if keep_maps else ()):
                 maps.setdefault(name, []).append(f.float())
         return table, slots, {name: torch.cat(fs) for name, fs in maps.items()}
 
