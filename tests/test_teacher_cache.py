@@ -115,7 +115,6 @@ def test_fresh_twins_each_epoch_reuse_the_cached_table_and_f_never_runs(teacher,
     assert torch.allclose(used, by_hand(teacher, cfg, index), atol=1e-4)
 
 
-
 def test_a_tapped_teacher_runs_once_over_x_for_its_logits_and_its_maps(teacher, tmp_path, monkeypatch, capsys):
     """FitNet taps f: on a cache miss one pass over the training items gives both the logits table and the maps; on
     a hit one pass gives the maps; maps over train.feature_cache_mb are not kept by the logits pass."""

@@ -171,7 +171,7 @@ class Teachers:
             keep = self.taps[k] is not None and mb <= cfg.train.feature_cache_mb
             passes = []  # a logits miss's pass, whose maps (when kept) serve below: one pass over x, not two
 
-            def compute(k=k, maker=maker, keep=keep, t=t, size=size, passes=passes):
+            def compute():  # called at once, in this iteration
                 passes.append(self._pass(k, all_loader, maker, size, keep))
                 return passes[0][0] / t
 
