@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 
 def nested(cfg: dict, **over) -> dict:
     """Set nested keys written with `__`: nested(cfg, train__epochs=3) sets cfg['train']['epochs']."""
@@ -56,16 +58,12 @@ def tiny_cfg(root: Path, name: str, **over) -> dict:
     return nested(cfg, **over)
 
 
-def Score(a: float):
+class Score(nn.Module):
     """A stand-in discriminator: a * the mean of the map, per image."""
-    from torch import nn
 
-    class _Score(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = a
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
 
-        def forward(self, m):
-            return self.a * m.float().mean((1, 2, 3))[:, None]
-
-    return _Score()
+    def forward(self, m):
+        return self.a * m.float().mean((1, 2, 3))[:, None]
